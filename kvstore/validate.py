@@ -1,0 +1,109 @@
+"""Checks on keys, namespaces and values, and the canonical JSON form values are stored in."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import unicodedata
+from typing import Any
+
+from kvstore.errors import InvalidKey, InvalidValue, ValueTooLarge
+
+__all__ = [
+    "DEFAULT_NAMESPACE",
+    "MAX_DEPTH",
+    "MAX_KEY_LENGTH",
+    "canonical_json",
+    "check_key",
+    "check_namespace",
+    "content_hash",
+    "embedding_text",
+]
+
+DEFAULT_NAMESPACE = "default"
+MAX_KEY_LENGTH = 512
+MAX_DEPTH = 64
+_NAMESPACE = re.compile(r"[A-Za-z0-9_.@-]{1,128}")
+_FORBIDDEN_CATEGORIES = {"Cc", "Cs", "Zl", "Zp"}
+
+
+def check_key(key: object) -> str:
+    """Return `key` if it is a usable key: a non-empty string of printable characters."""
+    if not isinstance(key, str):
+        raise InvalidKey(f"key must be a string, not {type(key).__name__}")
+    if not key:
+        raise InvalidKey("key is empty")
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidKey(f"key is {len(key)} characters long; the limit is {MAX_KEY_LENGTH}")
+    for position, char in enumerate(key):
+        if unicodedata.category(char) in _FORBIDDEN_CATEGORIES:
+            raise InvalidKey(f"key holds control character U+{ord(char):04X} at position {position}")
+    return key
+
+
+def check_namespace(namespace: object) -> str:
+    """Return `namespace`, or the default one for None; 1-128 of A-Z a-z 0-9 _ . @ -."""
+    if namespace is None:
+        return DEFAULT_NAMESPACE
+    if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
+        raise InvalidKey("namespace must be 1-128 characters of A-Z, a-z, 0-9, '_', '.', '@' or '-'")
+    return namespace
+
+
+def canonical_json(value: Any, max_bytes: int) -> str:
+    """Return the canonical JSON of `value` (sorted keys, no spaces), refusing what is not JSON."""
+    _check_json(value)
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    size = len(text.encode("utf-8"))
+    if size > max_bytes:
+        raise ValueTooLarge(f"value is {size} bytes as JSON; the limit is {max_bytes}")
+    return text
+
+
+def embedding_text(value: Any, stored_json: str) -> str:
+    """The text a value is embedded as: a string as itself, anything else as its canonical JSON."""
+    return value if isinstance(value, str) else stored_json
+
+
+def content_hash(text: str) -> str:
+    """A short, stable fingerprint of the text an embedding was made from."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def _check_json(value: Any) -> None:
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > MAX_DEPTH:
+            raise InvalidValue(f"value is nested more than {MAX_DEPTH} levels deep")
+        pending.extend((child, depth + 1) for child in _children(item))
+
+
+def _children(item: Any) -> list[Any]:
+    if item is None or isinstance(item, bool | int):
+        return []
+    if isinstance(item, float):
+        if not math.isfinite(item):
+            raise InvalidValue(f"value holds {item!r}, which JSON cannot represent")
+        return []
+    if isinstance(item, str):
+        _check_text(item)
+        return []
+    if isinstance(item, list | tuple):
+        return list(item)
+    if isinstance(item, dict):
+        for name in item:
+            if not isinstance(name, str):
+                raise InvalidValue(f"object keys must be strings, not {type(name).__name__}")
+            _check_text(name)
+        return list(item.values())
+    raise InvalidValue(f"value holds a {type(item).__name__}, which is not JSON")
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidValue("value holds text that is not valid UTF-8 (a lone surrogate)") from None

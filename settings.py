@@ -1,0 +1,75 @@
+"""Every setting of memsync, read from the environment and a `.env` file.
+
+Only the wiring (`actors/`, the CLI) reads this module; `kvstore` and `vectorstore` take explicit
+arguments. Times are in milliseconds, as in Dramatiq.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "SettingsError", "load_settings"]
+
+
+class SettingsError(Exception):
+    """Raised when a setting is missing or malformed; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    """The configuration of one memsync process."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    redis_url: str | None = Field(None, alias="REDIS_URL")
+    chroma_url: str | None = Field(None, alias="CHROMA_URL")
+    openai_api_key: SecretStr | None = Field(None, alias="OPENAI_API_KEY")
+    openai_base_url: str | None = Field(None, alias="OPENAI_BASE_URL")
+    embedding_model: str = Field("text-embedding-3-large", alias="EMBEDDING_MODEL", min_length=1)
+    embedding_dimensions: int | None = Field(None, alias="EMBEDDING_DIMENSIONS", gt=0, le=16384)
+    embedder: Literal["auto", "openai", "local"] = Field("auto", alias="MEMSYNC_EMBEDDER")
+    embedding_timeout_ms: int = Field(30_000, alias="MEMSYNC_EMBEDDING_TIMEOUT_MS", gt=0)
+    data_dir: Path = Field(Path(".memsync"), alias="MEMSYNC_DATA_DIR")
+    prefix: str = Field("memsync", alias="MEMSYNC_PREFIX", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    queue: str = Field("memsync", alias="MEMSYNC_QUEUE", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    max_retries: int = Field(3, alias="MEMSYNC_MAX_RETRIES", ge=0, le=100)
+    min_backoff_ms: int = Field(500, alias="MEMSYNC_MIN_BACKOFF_MS", gt=0)
+    max_backoff_ms: int = Field(30_000, alias="MEMSYNC_MAX_BACKOFF_MS", gt=0)
+    history_length: int = Field(10, alias="MEMSYNC_HISTORY_LENGTH", ge=1, le=10_000)
+    max_value_bytes: int = Field(1_048_576, alias="MEMSYNC_MAX_VALUE_BYTES", gt=0, le=512 * 1024 * 1024)
+    result_ttl_ms: int = Field(86_400_000, alias="MEMSYNC_RESULT_TTL_MS", gt=0)
+    heartbeat_timeout_ms: int = Field(10_000, alias="MEMSYNC_HEARTBEAT_TIMEOUT_MS", ge=1_000)
+    maintenance_chance: int = Field(100_000, alias="MEMSYNC_MAINTENANCE_CHANCE", ge=1, le=1_000_000)
+    time_limit_ms: int = Field(120_000, alias="MEMSYNC_TIME_LIMIT_MS", gt=0)
+
+    def uses_openai(self) -> bool:
+        """Whether embeddings come from an OpenAI-compatible server rather than the local model."""
+        if self.embedder == "auto":
+            return self.openai_api_key is not None and bool(self.openai_api_key.get_secret_value())
+        return self.embedder == "openai"
+
+    def model_name(self) -> str:
+        """The embedding model in use: `EMBEDDING_MODEL`, or the local model's name."""
+        return self.embedding_model if self.uses_openai() else "all-MiniLM-L6-v2"
+
+
+def load_settings() -> Settings:
+    """Read the settings; a bad value raises SettingsError naming its variable (never its value)."""
+    try:
+        settings = Settings()
+    except ValidationError as err:
+        raise SettingsError(_describe(err)) from None
+    if settings.max_backoff_ms < settings.min_backoff_ms:
+        raise SettingsError("MEMSYNC_MAX_BACKOFF_MS: must not be below MEMSYNC_MIN_BACKOFF_MS")
+    return settings
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for problem in err.errors(include_input=False, include_url=False):
+        variable = ".".join(str(part) for part in problem["loc"]) or "settings"
+        parts.append(f"{variable}: {problem['msg']}")
+    return "invalid setting: " + "; ".join(parts)

@@ -1,0 +1,135 @@
+"""Embedding behind one function that takes a list of texts: the Embedder protocol and its OpenAI form."""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import httpx
+import openai
+
+from vectorstore.errors import EmbeddingRejected, EmbeddingUnavailable
+
+__all__ = ["MAX_INPUTS_PER_REQUEST", "Embedder", "OpenAIEmbedder", "redact", "retry_after_ms"]
+
+#: The most inputs an OpenAI embeddings request may carry.
+MAX_INPUTS_PER_REQUEST = 2048
+
+
+class Embedder(Protocol):
+    """Turns texts into vectors, one per text, in order."""
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def dimensions(self) -> int | None:
+        """The vector length when known before the first call."""
+        ...
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
+
+
+class OpenAIEmbedder:
+    """Embeddings from any OpenAI-compatible server through the openai SDK.
+
+    The SDK's own retries are off: retries live in one place, the worker's retry policy, which
+    reads `EmbeddingUnavailable.retry_after_ms`.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        model: str,
+        dimensions: int | None = None,
+        base_url: str | None = None,
+        timeout_ms: int = 30_000,
+    ) -> None:
+        self._model = model
+        self._dimensions = dimensions
+        self._secret = api_key
+        self._client = openai.OpenAI(
+            api_key=api_key, base_url=base_url, timeout=timeout_ms / 1000, max_retries=0
+        )
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    @property
+    def dimensions(self) -> int | None:
+        return self._dimensions
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        vectors: list[list[float]] = []
+        for start in range(0, len(texts), MAX_INPUTS_PER_REQUEST):
+            vectors.extend(self._request(list(texts[start : start + MAX_INPUTS_PER_REQUEST])))
+        return vectors
+
+    def _request(self, texts: list[str]) -> list[list[float]]:
+        extra = {"dimensions": self._dimensions} if self._dimensions else {}
+        try:
+            answer = self._client.embeddings.create(
+                model=self._model, input=texts, encoding_format="float", **extra
+            )
+        except openai.APIStatusError as err:
+            raise _translate_status(err, self._secret) from err
+        except (openai.APITimeoutError, openai.APIConnectionError) as err:
+            raise EmbeddingUnavailable(f"embedding server unreachable: {type(err).__name__}") from err
+        ordered = sorted(answer.data, key=lambda item: item.index)
+        if len(ordered) != len(texts):
+            raise EmbeddingUnavailable(f"embedding server returned {len(ordered)} vectors for {len(texts)} texts")
+        return [list(item.embedding) for item in ordered]
+
+
+def _translate_status(err: openai.APIStatusError, secret: str) -> Exception:
+    status = err.status_code
+    reason = redact(f"embedding server answered {status}: {_short_message(err)}", secret)
+    if status == 429 or status >= 500 or status == 408:
+        return EmbeddingUnavailable(reason, retry_after_ms=retry_after_ms(err.response))
+    return EmbeddingRejected(reason)
+
+
+def _short_message(err: openai.APIStatusError) -> str:
+    body = err.body
+    if isinstance(body, dict):
+        detail = body.get("error", body)
+        if isinstance(detail, dict) and isinstance(detail.get("message"), str):
+            return str(detail["message"])[:300]
+    return type(err).__name__
+
+
+_KEY_LIKE = re.compile(r"\b(sk|pk|rk)-[A-Za-z0-9_*.\-]{3,}")
+
+
+def redact(text: str, secret: str) -> str:
+    """Remove the API key, and anything shaped like one (servers echo masked keys), from a message."""
+    if secret:
+        text = text.replace(secret, "***")
+    return _KEY_LIKE.sub(r"\1-***", text)
+
+
+def retry_after_ms(response: httpx.Response) -> int | None:
+    """The wait a response asks for, from `retry-after-ms` or `Retry-After` (seconds or an HTTP date)."""
+    headers = response.headers
+    if (raw_ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(0, int(float(raw_ms)))
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        return max(0, int(float(raw) * 1000))
+    except ValueError:
+        pass
+    try:
+        parsed = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(0, int((parsed.timestamp() - time.time()) * 1000))

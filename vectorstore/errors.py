@@ -1,0 +1,35 @@
+"""The errors of vectorstore; foreign (openai, chromadb) errors are translated at the boundary."""
+
+from __future__ import annotations
+
+__all__ = [
+    "EmbeddingRejected",
+    "EmbeddingUnavailable",
+    "IndexUnavailable",
+    "LocalModelMissing",
+    "VectorStoreError",
+]
+
+
+class VectorStoreError(Exception):
+    """Raised when vectorstore cannot do what it was asked; the root of this package's errors."""
+
+
+class EmbeddingUnavailable(VectorStoreError):
+    """Raised when the embedding server is unreachable, times out, rate-limits (429) or fails (5xx)."""
+
+    def __init__(self, message: str, *, retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
+class EmbeddingRejected(VectorStoreError):
+    """Raised when the embedding server refuses the request for good (400, 401, 403, 404, 422)."""
+
+
+class LocalModelMissing(VectorStoreError):
+    """Raised when the offline model is asked for but its packages are not installed."""
+
+
+class IndexUnavailable(VectorStoreError):
+    """Raised when the Chroma server cannot be reached or fails a request."""
