@@ -44,12 +44,26 @@ class Settings(BaseSettings):
     heartbeat_timeout_ms: int = Field(10_000, alias="MEMSYNC_HEARTBEAT_TIMEOUT_MS", ge=1_000)
     maintenance_chance: int = Field(100_000, alias="MEMSYNC_MAINTENANCE_CHANCE", ge=1, le=1_000_000)
     time_limit_ms: int = Field(120_000, alias="MEMSYNC_TIME_LIMIT_MS", gt=0)
+    local_redis_port: int = Field(6479, alias="MEMSYNC_LOCAL_REDIS_PORT", gt=0, lt=65536)
+    local_chroma_port: int = Field(8479, alias="MEMSYNC_LOCAL_CHROMA_PORT", gt=0, lt=65536)
 
     def uses_openai(self) -> bool:
         """Whether embeddings come from an OpenAI-compatible server rather than the local model."""
         if self.embedder == "auto":
             return self.openai_api_key is not None and bool(self.openai_api_key.get_secret_value())
         return self.embedder == "openai"
+
+    def is_local(self) -> bool:
+        """Whether Redis or Chroma is the embedded local stack (`REDIS_URL` or `CHROMA_URL` unset)."""
+        return self.redis_url is None or self.chroma_url is None
+
+    def effective_redis_url(self) -> str:
+        """`REDIS_URL`, or the local stack's Redis."""
+        return self.redis_url or f"redis://127.0.0.1:{self.local_redis_port}/0"
+
+    def effective_chroma_url(self) -> str:
+        """`CHROMA_URL`, or the local stack's Chroma server."""
+        return self.chroma_url or f"http://127.0.0.1:{self.local_chroma_port}"
 
     def model_name(self) -> str:
         """The embedding model in use: `EMBEDDING_MODEL`, or the local model's name."""

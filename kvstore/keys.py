@@ -6,7 +6,10 @@
     {prefix}:namespaces                 set    every namespace written to
     {prefix}:lock:{namespace}:{key}     string the short lock around a key's index update
     {prefix}:dead                       hash   dead-lettered message id -> JSON reason record
-    {prefix}-dramatiq:*                        Dramatiq's own queues (broker namespace)
+    {prefix}-dramatiq:*                        Dramatiq's own queues (broker namespace); of those,
+    {prefix}-dramatiq:{queue}.XQ        zset   Dramatiq's dead-letter queue (redis message ids)
+    {prefix}-dramatiq:__heartbeats__    zset   Dramatiq's worker heartbeats (broker id -> ms)
+    {prefix}-results:*                         Dramatiq's stored results
 
 Namespaces cannot contain ':', so every shape above parses one way only.
 """
@@ -44,3 +47,12 @@ class Keys:
 
     def broker_namespace(self) -> str:
         return f"{self.prefix}-dramatiq"
+
+    def dramatiq_dead_queue(self, queue: str) -> str:
+        return f"{self.broker_namespace()}:{queue}.XQ"
+
+    def dramatiq_heartbeats(self) -> str:
+        return f"{self.broker_namespace()}:__heartbeats__"
+
+    def results_namespace(self) -> str:
+        return f"{self.prefix}-results"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from importlib import resources
 from typing import Any
 
@@ -114,7 +114,7 @@ class MemoryStore:
         """The keys of a namespace that hold a value, sorted; expired keys are left out."""
         ns = check_namespace(namespace)
         with _translated():
-            names = [k.decode() for k in self.client.zrange(self.keys_of.key_index(ns), 0, -1)]
+            names = [_text(k) for k in self.client.zrange(self.keys_of.key_index(ns), 0, -1)]
             pipe = self.client.pipeline(transaction=False)
             for name in names:
                 pipe.exists(self.keys_of.head(ns, name))
@@ -149,7 +149,7 @@ class MemoryStore:
 
     def namespaces(self) -> list[str]:
         with _translated():
-            return sorted(name.decode() for name in self.client.smembers(self.keys_of.namespaces()))
+            return sorted(_text(name) for name in self.client.smembers(self.keys_of.namespaces()))
 
     def rollback(
         self,
@@ -165,6 +165,20 @@ class MemoryStore:
         """
         target = "" if version is None else str(version)
         return self._run("rollback", key, namespace, target, ("0", ""), None, meta)
+
+    @contextmanager
+    def key_lock(self, key: str, *, namespace: str | None = None, timeout_ms: int = 30_000) -> Iterator[None]:
+        """Hold a short lock on one key (expiring after `timeout_ms`, should its holder die)."""
+        ns, key = check_namespace(namespace), check_key(key)
+        lock = self.client.lock(self.keys_of.lock(ns, key), timeout=timeout_ms / 1000, blocking_timeout=10)
+        with _translated():
+            if not lock.acquire():
+                raise StoreUnavailable(f"key {key!r} stayed locked for 10 s")
+        try:
+            yield
+        finally:
+            with _translated(), suppress(redis.exceptions.LockError):
+                lock.release()
 
     def revert(self, key: str, msg_id: str, *, namespace: str | None = None) -> bool:
         """Undo the version `msg_id` wrote, if it is still current; True when something was undone."""
@@ -190,15 +204,15 @@ class MemoryStore:
             self.keys_of.key_index(ns),
             self.keys_of.namespaces(),
         ]
-        args = [key, ns, mode, payload, *flags, meta.msg_id, meta.msg_ts, self._clock()]
+        args: list[str | int] = [key, ns, mode, payload, *flags, meta.msg_id, meta.msg_ts, self._clock()]
+        args += [self.history_length, ttl_ms or 0, "1" if meta.ordered else "0"]
         with _translated():
-            extra = [self.history_length, ttl_ms or 0, "1" if meta.ordered else "0"]
-            reply = self._write(keys=keys, args=[*args, *extra])
+            reply = self._write(keys=keys, args=args)
         return _result(ns, key, version_asked=payload if mode == "rollback" else "", reply=reply)
 
 
 def _result(ns: str, key: str, *, version_asked: str, reply: list[bytes]) -> WriteResult:
-    outcome = reply[0].decode()
+    outcome = _text(reply[0])
     fields = _decoded(dict(zip(reply[1::2], reply[2::2], strict=True)))
     if outcome == "missing":
         raise KeyNotFound(f"key {key!r} in namespace {ns!r} has never been written")
@@ -210,10 +224,14 @@ def _result(ns: str, key: str, *, version_asked: str, reply: list[bytes]) -> Wri
     return WriteResult(Outcome(outcome), current)
 
 
-def _decoded(fields: dict[bytes, bytes]) -> dict[str, str]:
-    return {name.decode(): value.decode() for name, value in fields.items()}
+def _decoded(fields: Mapping[Any, Any]) -> dict[str, str]:
+    return {_text(name): _text(value) for name, value in fields.items()}
 
 
-def _json_fields(entry: bytes) -> dict[str, str]:
+def _json_fields(entry: Any) -> dict[str, str]:
     loaded: dict[str, str] = json.loads(entry)
     return loaded
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import email.utils
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-import httpx
 import openai
 
 from vectorstore.errors import EmbeddingRejected, EmbeddingUnavailable
@@ -71,10 +70,10 @@ class OpenAIEmbedder:
         return vectors
 
     def _request(self, texts: list[str]) -> list[list[float]]:
-        extra = {"dimensions": self._dimensions} if self._dimensions else {}
+        dimensions: int | openai.Omit = self._dimensions if self._dimensions else openai.omit
         try:
             answer = self._client.embeddings.create(
-                model=self._model, input=texts, encoding_format="float", **extra
+                model=self._model, input=texts, encoding_format="float", dimensions=dimensions
             )
         except openai.APIStatusError as err:
             raise _translate_status(err, self._secret) from err
@@ -90,7 +89,7 @@ def _translate_status(err: openai.APIStatusError, secret: str) -> Exception:
     status = err.status_code
     reason = redact(f"embedding server answered {status}: {_short_message(err)}", secret)
     if status == 429 or status >= 500 or status == 408:
-        return EmbeddingUnavailable(reason, retry_after_ms=retry_after_ms(err.response))
+        return EmbeddingUnavailable(reason, retry_after_ms=retry_after_ms(err.response.headers))
     return EmbeddingRejected(reason)
 
 
@@ -113,9 +112,8 @@ def redact(text: str, secret: str) -> str:
     return _KEY_LIKE.sub(r"\1-***", text)
 
 
-def retry_after_ms(response: httpx.Response) -> int | None:
-    """The wait a response asks for, from `retry-after-ms` or `Retry-After` (seconds or an HTTP date)."""
-    headers = response.headers
+def retry_after_ms(headers: Mapping[str, str]) -> int | None:
+    """The wait response headers ask for, from `retry-after-ms` or `Retry-After` (seconds or an HTTP date)."""
     if (raw_ms := headers.get("retry-after-ms")) is not None:
         try:
             return max(0, int(float(raw_ms)))

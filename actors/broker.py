@@ -1,0 +1,56 @@
+"""The Dramatiq broker and its middleware, built from the settings once per process."""
+
+from __future__ import annotations
+
+import dramatiq
+import redis
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.middleware import Callbacks, CurrentMessage, Pipelines, ShutdownNotifications, TimeLimit
+from dramatiq.results import Results
+from dramatiq.results.backends import RedisBackend
+
+from actors.deadletter import DeadLetters
+from actors.lifecycle import GracefulStop, Heartbeat
+from actors.retry import RetryPolicy, Retrying
+from kvstore import Keys
+from settings import Settings
+
+__all__ = ["build_broker", "retry_policy", "secrets_of"]
+
+
+def retry_policy(settings: Settings) -> RetryPolicy:
+    return RetryPolicy(settings.max_retries, settings.min_backoff_ms, settings.max_backoff_ms)
+
+
+def secrets_of(settings: Settings, redis_url: str) -> list[str]:
+    """The values that must never reach a log line, an error or a dead-letter reason."""
+    secrets = [redis.connection.parse_url(redis_url).get("password") or ""]
+    if settings.openai_api_key is not None:
+        secrets.append(settings.openai_api_key.get_secret_value())
+    return [secret for secret in secrets if secret]
+
+
+def build_broker(settings: Settings, redis_url: str) -> RedisBroker:
+    """A Redis broker whose killed workers' messages come back within seconds, with results stored."""
+    keys = Keys(settings.prefix)
+    client = redis.Redis.from_url(redis_url)
+    dead_letters = DeadLetters(client, keys, secrets=secrets_of(settings, redis_url))
+    middleware: list[dramatiq.Middleware] = [
+        TimeLimit(time_limit=settings.time_limit_ms),
+        ShutdownNotifications(),
+        Callbacks(),
+        Pipelines(),
+        CurrentMessage(),
+        Results(backend=RedisBackend(client=client, namespace=keys.results_namespace()), store_results=True,
+                result_ttl=settings.result_ttl_ms),
+        Retrying(retry_policy(settings), dead_letters),
+        GracefulStop(),
+        Heartbeat(client, keys.dramatiq_heartbeats(), max(250, settings.heartbeat_timeout_ms // 4)),
+    ]
+    return RedisBroker(
+        client=client,
+        namespace=keys.broker_namespace(),
+        middleware=middleware,
+        heartbeat_timeout=settings.heartbeat_timeout_ms,
+        maintenance_chance=settings.maintenance_chance,
+    )

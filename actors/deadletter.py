@@ -1,0 +1,126 @@
+"""Dead letters with their reasons: Dramatiq keeps neither the reason nor a way to requeue; this does."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import dramatiq
+import redis
+
+from kvstore import Keys
+
+__all__ = ["DeadLetter", "DeadLetters", "scrub"]
+
+_REASON_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message that failed for good: what it was, why, and the message itself for a replay."""
+
+    message_id: str
+    actor: str
+    queue: str
+    key: str | None
+    namespace: str | None
+    reason: str
+    error: str
+    retries: int
+    failed_at_ms: int
+    message: dict[str, Any]
+
+
+def scrub(text: str, secrets: Sequence[str]) -> str:
+    """`text` with every secret replaced by ***."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+class DeadLetters:
+    """Reads and writes `{prefix}:dead`, a hash of message id -> dead letter (JSON)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, *, secrets: Sequence[str] = ()) -> None:
+        self.client = client
+        self.keys = keys
+        self.secrets = tuple(secrets)
+
+    def record(self, message: dramatiq.MessageProxy | dramatiq.Message[Any], error: BaseException, retries: int) -> None:
+        """Keep why `message` failed for good; a failure to keep it is logged, never raised."""
+        letter = DeadLetter(
+            message_id=message.message_id,
+            actor=message.actor_name,
+            queue=message.queue_name,
+            key=_argument(message, "key", 0),
+            namespace=_argument(message, "namespace", 3),
+            reason=scrub(f"{type(error).__name__}: {error}", self.secrets)[:_REASON_LIMIT],
+            error=type(error).__name__,
+            retries=retries,
+            failed_at_ms=time.time_ns() // 1_000_000,
+            message=dict(message.asdict()),
+        )
+        try:
+            self.client.hset(self.keys.dead_letters(), letter.message_id, json.dumps(asdict(letter)))
+        except redis.RedisError:
+            dramatiq.get_logger(__name__).warning("could not record the dead letter %s", letter.message_id)
+
+    def list(self) -> list[DeadLetter]:
+        """Every dead letter, oldest first."""
+        entries = self.client.hvals(self.keys.dead_letters())
+        letters = [DeadLetter(**json.loads(entry)) for entry in entries]
+        return sorted(letters, key=lambda letter: letter.failed_at_ms)
+
+    def get(self, message_id: str) -> DeadLetter | None:
+        entry = self.client.hget(self.keys.dead_letters(), message_id)
+        return None if entry is None else DeadLetter(**json.loads(entry))
+
+    def replay(self, broker: dramatiq.Broker, message_ids: Sequence[str]) -> list[str]:
+        """Put dead-lettered messages back on their queues, with their retries reset; returns the ids replayed.
+
+        The message keeps its id and send time, so a replay never overwrites a newer write.
+        """
+        replayed = []
+        for message_id in message_ids:
+            letter = self.get(message_id)
+            if letter is None:
+                continue
+            broker.enqueue(_fresh(letter.message))
+            self._forget(letter)
+            replayed.append(message_id)
+        return replayed
+
+    def _forget(self, letter: DeadLetter) -> None:
+        redis_id = str(letter.message.get("options", {}).get("redis_message_id", ""))
+        xqueue = self.keys.dramatiq_dead_queue(letter.queue)
+        pipe = self.client.pipeline()
+        pipe.hdel(self.keys.dead_letters(), letter.message_id)
+        if redis_id:
+            pipe.zrem(xqueue, redis_id)
+            pipe.hdel(f"{xqueue}.msgs", redis_id)
+        pipe.execute()
+
+
+def _argument(message: dramatiq.MessageProxy | dramatiq.Message[Any], name: str, position: int) -> str | None:
+    value = message.kwargs.get(name)
+    if value is None and len(message.args) > position:
+        value = message.args[position]
+    return value if isinstance(value, str) else None
+
+
+def _fresh(stored: dict[str, Any]) -> dramatiq.Message[Any]:
+    queue = str(stored["queue_name"])
+    queue = queue[:-3] if queue.endswith(".DQ") else queue
+    return dramatiq.Message(
+        queue_name=queue,
+        actor_name=stored["actor_name"],
+        args=tuple(stored["args"]),
+        kwargs=stored["kwargs"],
+        options={},
+        message_id=stored["message_id"],
+        message_timestamp=stored["message_timestamp"],
+    )

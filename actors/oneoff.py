@@ -1,0 +1,102 @@
+"""One-off runs: `WORKER_JOB=MEMORY_SYNC WORKER_PAYLOAD='{...}' python -m actors` runs one job in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from typing import Any, TextIO
+
+from actors import state
+from actors.deadletter import scrub
+from actors.errors import InvalidPayload, MemsyncError
+from actors.local import local_stack
+from actors.payloads import RollbackPayload, SyncPayload, parse
+from actors.tasks import guarded, run_rollback, run_sync
+from kvstore import WriteMeta
+
+__all__ = ["JOBS", "main"]
+
+Job = Callable[[dict[str, Any], WriteMeta], dict[str, Any]]
+
+
+def _sync(fields: dict[str, Any], meta: WriteMeta) -> dict[str, Any]:
+    runtime, payload = state.runtime(), parse(SyncPayload, (), fields)
+    return guarded(runtime, payload.key, payload.namespace, meta, 0, lambda: run_sync(runtime, payload, meta))
+
+
+def _rollback(fields: dict[str, Any], meta: WriteMeta) -> dict[str, Any]:
+    runtime, payload = state.runtime(), parse(RollbackPayload, (), fields)
+    return guarded(runtime, payload.key, payload.namespace, meta, 0, lambda: run_rollback(runtime, payload, meta))
+
+
+JOBS: dict[str, Job] = {"MEMORY_SYNC": _sync, "MEMORY_ROLLBACK": _rollback}
+
+
+def main(environ: Mapping[str, str] = os.environ, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Run WORKER_JOB with WORKER_PAYLOAD once; print the JSON result. Exit 0, 1 (job failed) or 2 (bad input)."""
+    try:
+        job, fields = _read_job(environ)
+    except InvalidPayload as problem:
+        print(f"error: {problem}", file=err)
+        return 2
+    try:
+        result = _run(job, fields)
+    except Exception as problem:
+        print(f"error: {type(problem).__name__}: {_secretless(str(problem))}", file=err)
+        return 2 if isinstance(problem, InvalidPayload) else 1
+    print(json.dumps(result), file=out)
+    return 0
+
+
+def _read_job(environ: Mapping[str, str]) -> tuple[Job, dict[str, Any]]:
+    name = environ.get("WORKER_JOB", "")
+    if name not in JOBS:
+        known = ", ".join(sorted(JOBS))
+        raise InvalidPayload(f"WORKER_JOB={name!r} is not a job; expected one of {known}")
+    text = environ.get("WORKER_PAYLOAD")
+    if text is None:
+        raise InvalidPayload("WORKER_PAYLOAD is not set; it must be a JSON object")
+    return JOBS[name], _json_object(text)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    def refuse(constant: str) -> Any:
+        raise InvalidPayload(f"WORKER_PAYLOAD is not valid JSON: {constant} is not a JSON value")
+
+    try:
+        fields = json.loads(text, parse_constant=refuse)
+    except json.JSONDecodeError as problem:
+        raise InvalidPayload(f"WORKER_PAYLOAD is not valid JSON: {problem}") from None
+    if not isinstance(fields, dict):
+        raise InvalidPayload(f"WORKER_PAYLOAD must be a JSON object, not {type(fields).__name__}")
+    return fields
+
+
+def _run(job: Job, fields: dict[str, Any]) -> dict[str, Any]:
+    """Run with the worker's retry policy, in-process; start the local stack when no URLs are set."""
+    settings = state.settings()
+    stack = local_stack(settings) if settings.is_local() else nullcontext()
+    meta = WriteMeta(f"oneoff-{os.getpid()}-{time.time_ns()}", time.time_ns() // 1_000_000)
+    with stack:
+        retries = 0
+        while True:
+            try:
+                return job(fields, meta)
+            except Exception as problem:
+                delay = state.runtime().policy.delay_ms(problem, retries)
+                if delay is None:
+                    raise
+                retries += 1
+                time.sleep(delay / 1000)
+
+
+def _secretless(text: str) -> str:
+    return scrub(text, state.runtime().secrets)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

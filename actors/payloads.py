@@ -1,0 +1,74 @@
+"""The payloads of the sync and rollback jobs, validated before anything is written."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
+
+from actors.errors import InvalidPayload
+from kvstore import KVStoreError, check_key, check_namespace
+
+__all__ = ["RollbackPayload", "SyncPayload", "parse"]
+
+P = TypeVar("P", bound="_Payload")
+
+
+class _Payload(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    key: str
+    namespace: str | None = None
+
+    @field_validator("key")
+    @classmethod
+    def _usable_key(cls, key: str) -> str:
+        return _checked(check_key, key)
+
+    @field_validator("namespace")
+    @classmethod
+    def _usable_namespace(cls, namespace: str | None) -> str:
+        return _checked(check_namespace, namespace)
+
+
+class SyncPayload(_Payload):
+    """`{key, value, embed?, namespace?, ttl_ms?}`: the MEMORY_SYNC job."""
+
+    value: JsonValue
+    embed: bool = False
+    ttl_ms: int | None = Field(None, gt=0)
+
+
+class RollbackPayload(_Payload):
+    """`{key, version?, namespace?}`: the MEMORY_ROLLBACK job; no version means the previous one."""
+
+    version: int | None = Field(None, gt=0)
+
+
+def parse(model: type[P], args: tuple[Any, ...], kwargs: dict[str, Any]) -> P:
+    """Build a payload from an actor call's arguments (positional ones in field order)."""
+    names = list(model.model_fields)
+    if len(args) > len(names):
+        raise InvalidPayload(f"invalid payload: {len(args)} positional arguments; at most {len(names)}")
+    fields = dict(zip(names, args, strict=False))
+    if clash := sorted(set(fields) & set(kwargs)):
+        raise InvalidPayload(f"invalid payload: {', '.join(clash)} given twice")
+    try:
+        return model.model_validate({**fields, **kwargs})
+    except ValidationError as err:
+        raise InvalidPayload("invalid payload: " + _describe(err)) from None
+
+
+def _checked(check: Any, value: Any) -> Any:
+    try:
+        return check(value)
+    except KVStoreError as err:
+        raise ValueError(str(err)) from None
+
+
+def _describe(err: ValidationError) -> str:
+    problems = []
+    for problem in err.errors(include_url=False, include_input=False):
+        where = ".".join(str(part) for part in problem["loc"]) or "payload"
+        problems.append(f"{where}: {problem['msg']}")
+    return "; ".join(problems)

@@ -1,0 +1,79 @@
+"""The services of one process (store, index, embedder), built from the settings once, on first use."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import redis
+
+from actors.deadletter import DeadLetters
+from actors.retry import RetryPolicy
+from kvstore import Keys, MemoryStore
+from settings import Settings
+from vectorstore import Embedder, Memories, OpenAIEmbedder, VectorIndex, chroma_client
+
+__all__ = ["Runtime", "make_embedder"]
+
+
+def make_embedder(settings: Settings) -> Embedder:
+    """The OpenAI-compatible embedder when a key is set (or asked for), else the offline model."""
+    if settings.uses_openai():
+        key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else ""
+        return OpenAIEmbedder(
+            api_key=key or "unused",
+            model=settings.embedding_model,
+            dimensions=settings.embedding_dimensions,
+            base_url=settings.openai_base_url,
+            timeout_ms=settings.embedding_timeout_ms,
+        )
+    from vectorstore.local_model import LocalMiniLM
+
+    return LocalMiniLM()
+
+
+@dataclass
+class Runtime:
+    """Where this process's Redis and Chroma are, and the services over them."""
+
+    settings: Settings
+    redis_url: str
+    chroma_url: str | None
+    secrets: list[str]
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis_url, health_check_interval=30)
+
+    @cached_property
+    def keys(self) -> Keys:
+        return Keys(self.settings.prefix)
+
+    @cached_property
+    def store(self) -> MemoryStore:
+        s = self.settings
+        return MemoryStore(self.redis, prefix=s.prefix, history_length=s.history_length, max_value_bytes=s.max_value_bytes)
+
+    @cached_property
+    def dead_letters(self) -> DeadLetters:
+        return DeadLetters(self.redis, self.keys, secrets=self.secrets)
+
+    @property
+    def policy(self) -> RetryPolicy:
+        s = self.settings
+        return RetryPolicy(s.max_retries, s.min_backoff_ms, s.max_backoff_ms)
+
+    @property
+    def memories(self) -> Memories:
+        """Built on first use (it connects to Chroma and may load a model), once per process."""
+        with self._lock:
+            return self._memories
+
+    @cached_property
+    def _memories(self) -> Memories:
+        embedder = make_embedder(self.settings)
+        client = chroma_client(self.chroma_url, str(self.settings.data_dir / "chroma"))
+        index = VectorIndex(client, model=embedder.model, dimensions=embedder.dimensions, prefix=self.settings.prefix)
+        return Memories(self.store, index, embedder)

@@ -1,0 +1,33 @@
+"""vectorstore: embeddings, the Chroma index kept in step with kvstore, and search by meaning."""
+
+from __future__ import annotations
+
+from vectorstore.embedder import Embedder, OpenAIEmbedder
+from vectorstore.errors import (
+    EmbeddingRejected,
+    EmbeddingUnavailable,
+    IndexUnavailable,
+    LocalModelMissing,
+    VectorStoreError,
+)
+from vectorstore.index import IndexEntry, VectorIndex, chroma_client, collection_name
+from vectorstore.search import Hit, InvalidQuery, search
+from vectorstore.sync import Memories
+
+__all__ = [
+    "EmbeddingRejected",
+    "EmbeddingUnavailable",
+    "Embedder",
+    "Hit",
+    "IndexEntry",
+    "IndexUnavailable",
+    "InvalidQuery",
+    "LocalModelMissing",
+    "Memories",
+    "OpenAIEmbedder",
+    "VectorIndex",
+    "VectorStoreError",
+    "chroma_client",
+    "collection_name",
+    "search",
+]

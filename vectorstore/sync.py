@@ -1,0 +1,129 @@
+"""Memories: a sync or rollback across Redis (the truth) and Chroma (the index), in that order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from kvstore import (
+    InvalidValue,
+    MemoryStore,
+    Outcome,
+    Record,
+    WriteMeta,
+    WriteResult,
+    canonical_json,
+    check_key,
+    check_namespace,
+    content_hash,
+)
+from kvstore.validate import embedding_text
+from vectorstore.embedder import Embedder
+from vectorstore.index import IndexEntry, VectorIndex
+from vectorstore.search import Hit, search
+
+__all__ = ["Memories"]
+
+
+class Memories:
+    """Keeps a key's value in Redis and its vector in Chroma in step.
+
+    A sync embeds first (outside any lock; skipped when the key's vector already has the text's
+    hash), then writes Redis atomically, then updates the index under a short per-key lock, only
+    if the message still owns the key's current version. Each step is idempotent.
+    """
+
+    def __init__(self, store: MemoryStore, index: VectorIndex, embedder: Embedder) -> None:
+        self.store = store
+        self.index = index
+        self.embedder = embedder
+
+    def sync(
+        self,
+        key: str,
+        value: Any,
+        *,
+        namespace: str | None = None,
+        embed: bool = False,
+        ttl_ms: int | None = None,
+        meta: WriteMeta | None = None,
+    ) -> WriteResult:
+        """Write `value` as the key's new version and bring its vector in step."""
+        ns, key, meta = check_namespace(namespace), check_key(key), meta or WriteMeta()
+        value_json = canonical_json(value, self.store.max_value_bytes)
+        text = embedding_text(value, value_json)
+        if embed and not text.strip():
+            raise InvalidValue("value is an empty string; there is nothing to embed")
+        digest = content_hash(text) if embed else ""
+        if (early := self._superseded(key, ns, meta)) is not None:
+            return early
+        vector = self._vector(ns, key, text, digest) if embed else None
+        result = self.store.set(
+            key, value, namespace=ns, embed=embed, content_hash=digest, ttl_ms=ttl_ms, meta=meta
+        )
+        self._follow(result.current, meta.msg_id, vector)
+        return result
+
+    def rollback(
+        self, key: str, *, namespace: str | None = None, version: int | None = None, meta: WriteMeta | None = None
+    ) -> WriteResult:
+        """Restore the previous (or a given retained) version as a new one, and re-index it."""
+        meta = meta or WriteMeta()
+        result = self.store.rollback(key, namespace=namespace, version=version, meta=meta)
+        self._follow(result.current, meta.msg_id, None)
+        return result
+
+    def undo(self, key: str, msg_id: str, *, namespace: str | None = None) -> bool:
+        """Take back the version `msg_id` wrote, when it is still current (a sync that failed for good)."""
+        ns = check_namespace(namespace)
+        undone = self.store.revert(key, msg_id, namespace=ns)
+        if undone:
+            self.refresh(self.store.record(key, namespace=ns), ns, key)
+        return undone
+
+    def refresh(self, record: Record | None, namespace: str, key: str, vector: Sequence[float] | None = None) -> str:
+        """Make the index hold exactly what `record` needs; returns what it did."""
+        if record is None or record.deleted or not record.embed:
+            self.index.delete(namespace, [key])
+            return "deleted"
+        entry = IndexEntry(key, record.version, record.content_hash)
+        stored = self.index.stored(namespace, [key]).get(key)
+        if stored is not None and stored.content_hash == record.content_hash:
+            if stored.version != record.version:
+                self.index.relabel(namespace, [entry])
+                return "relabelled"
+            return "unchanged"
+        if vector is None:
+            vector = self.embedder.embed([embedding_text(record.value, record.value_json or "")])[0]
+        self.index.upsert(namespace, [entry], [vector])
+        return "embedded"
+
+    def search(
+        self, query: str, k: int = 5, namespace: str | None = None, where: dict[str, Any] | None = None
+    ) -> list[Hit]:
+        """The `k` current memories closest in meaning to `query`; see `vectorstore.search.search`."""
+        return search(query, k, namespace, where, store=self.store, index=self.index, embedder=self.embedder)
+
+    def _superseded(self, key: str, namespace: str, meta: WriteMeta) -> WriteResult | None:
+        """Skip the embedding call when a newer message already wrote the key."""
+        current = self.store.record(key, namespace=namespace)
+        if current is None or not meta.ordered or current.msg_id == meta.msg_id:
+            return None
+        if (meta.msg_ts, meta.msg_id) < (current.msg_ts, current.msg_id):
+            return WriteResult(Outcome.STALE, current)
+        return None
+
+    def _vector(self, namespace: str, key: str, text: str, digest: str) -> list[float] | None:
+        stored = self.index.stored(namespace, [key]).get(key)
+        if stored is not None and stored.content_hash == digest:
+            return None
+        return self.embedder.embed([text])[0]
+
+    def _follow(self, record: Record | None, msg_id: str, vector: Sequence[float] | None) -> None:
+        """Update the index for `record` if this message still owns the key's current version."""
+        if record is None or record.msg_id != msg_id:
+            return
+        with self.store.key_lock(record.key, namespace=record.namespace):
+            head = self.store.record(record.key, namespace=record.namespace)
+            if head is not None and head.msg_id == msg_id:
+                self.refresh(head, record.namespace, record.key, vector if head.version == record.version else None)
