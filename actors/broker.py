@@ -30,6 +30,12 @@ def secrets_of(settings: Settings, redis_url: str) -> list[str]:
     return [secret for secret in secrets if secret]
 
 
+def _results_backend(redis_url: str, keys: Keys) -> RedisBackend:
+    # Waiting for a result blocks in BRPOPLPUSH, which redis-py's default 5 s socket timeout would cut.
+    client = redis.Redis.from_url(redis_url, socket_timeout=None)
+    return RedisBackend(client=client, namespace=keys.results_namespace())
+
+
 def build_broker(settings: Settings, redis_url: str) -> RedisBroker:
     """A Redis broker whose killed workers' messages come back within seconds, with results stored."""
     keys = Keys(settings.prefix)
@@ -41,8 +47,7 @@ def build_broker(settings: Settings, redis_url: str) -> RedisBroker:
         Callbacks(),
         Pipelines(),
         CurrentMessage(),
-        Results(backend=RedisBackend(client=client, namespace=keys.results_namespace()), store_results=True,
-                result_ttl=settings.result_ttl_ms),
+        Results(backend=_results_backend(redis_url, keys), store_results=True, result_ttl=settings.result_ttl_ms),
         Retrying(retry_policy(settings), dead_letters),
         GracefulStop(),
         Heartbeat(client, keys.dramatiq_heartbeats(), max(250, settings.heartbeat_timeout_ms // 4)),

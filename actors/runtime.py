@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -73,6 +74,7 @@ class Runtime:
 
     @cached_property
     def _memories(self) -> Memories:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Chroma request otherwise
         embedder = make_embedder(self.settings)
         client = chroma_client(self.chroma_url, str(self.settings.data_dir / "chroma"))
         index = VectorIndex(client, model=embedder.model, dimensions=embedder.dimensions, prefix=self.settings.prefix)

@@ -1,0 +1,66 @@
+"""Reconcile: find and repair drift between Redis (the truth) and the Chroma index."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvstore import Record
+from vectorstore.index import IndexEntry
+from vectorstore.sync import Memories
+
+__all__ = ["Drift", "find_drift", "reconcile"]
+
+
+@dataclass
+class Drift:
+    """What differs in one namespace: keys with no vector, an out-of-date one, or a vector with no key."""
+
+    namespace: str
+    missing: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    orphan: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {"missing": len(self.missing), "stale": len(self.stale), "orphan": len(self.orphan)}
+
+
+def find_drift(memories: Memories, namespace: str) -> Drift:
+    """Compare every embedded current value of a namespace with the index's entries."""
+    records = memories.store.records(memories.store.keys(namespace=namespace), namespace=namespace)
+    wanted = {key: record for key, record in records.items() if record.embed and not record.deleted}
+    indexed = {entry.key: entry for entry in memories.index.entries(namespace)}
+    drift = Drift(namespace)
+    drift.missing = sorted(set(wanted) - set(indexed))
+    drift.stale = sorted(key for key in set(wanted) & set(indexed) if _differs(wanted[key], indexed[key]))
+    drift.orphan = sorted(set(indexed) - set(wanted))
+    return drift
+
+
+def reconcile(memories: Memories, namespaces: list[str] | None = None, *, repair: bool = True) -> list[Drift]:
+    """Find drift in each namespace (all by default) and, if `repair`, fix it; a second run finds none.
+
+    Only missing and stale vectors are embedded again; a stale vector whose text did not change is
+    relabelled without an embedding call.
+    """
+    names = namespaces if namespaces is not None else _all_namespaces(memories)
+    drifts = [find_drift(memories, namespace) for namespace in names]
+    if repair:
+        for drift in drifts:
+            _repair(memories, drift)
+    return drifts
+
+
+def _repair(memories: Memories, drift: Drift) -> None:
+    ns = drift.namespace
+    for key in [*drift.missing, *drift.stale]:
+        memories.refresh(memories.store.record(key, namespace=ns), ns, key)
+    if drift.orphan:
+        memories.index.delete(ns, drift.orphan)
+
+
+def _differs(record: Record, entry: IndexEntry) -> bool:
+    return record.version != entry.version or record.content_hash != entry.content_hash
+
+
+def _all_namespaces(memories: Memories) -> list[str]:
+    return sorted(set(memories.store.namespaces()) | set(memories.index.namespaces()))
