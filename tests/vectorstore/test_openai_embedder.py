@@ -6,7 +6,7 @@ import email.utils
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -17,8 +17,6 @@ from tests.support.embedding_server import (
     TRUNCATED,
     EmbeddingServer,
     EmbeddingServerFactory,
-    embedding_server,  # noqa: F401 (a fixture)
-    embedding_server_factory,  # noqa: F401 (a fixture)
     mask_key,
     vector_for,
 )
@@ -31,16 +29,46 @@ SENTINEL = "sk-test-SENTINEL-4242-abcdef"
 MODEL = "text-embedding-3-small"
 
 
-def embedder_for(
-    server: EmbeddingServer,
-    *,
-    dimensions: int | None = None,
-    timeout_ms: int = 5_000,
-    api_key: str = SENTINEL,
-) -> OpenAIEmbedder:
-    return OpenAIEmbedder(
-        api_key=api_key, model=MODEL, dimensions=dimensions, base_url=server.base_url, timeout_ms=timeout_ms
-    )
+class EmbedderMaker:
+    """Builds embedders against a test server, and closes their SDK clients at the end of the test.
+
+    Closing matters: an error's traceback keeps the embedder in a reference cycle, and when the garbage
+    collector finalises the socket before the SDK client, Python warns of an unclosed socket.
+    """
+
+    def __init__(self) -> None:
+        self._made: list[OpenAIEmbedder] = []
+
+    def __call__(
+        self,
+        server: EmbeddingServer,
+        *,
+        dimensions: int | None = None,
+        timeout_ms: int = 5_000,
+        api_key: str = SENTINEL,
+    ) -> OpenAIEmbedder:
+        embedder = OpenAIEmbedder(
+            api_key=api_key,
+            model=MODEL,
+            dimensions=dimensions,
+            base_url=server.base_url,
+            timeout_ms=timeout_ms,
+        )
+        self._made.append(embedder)
+        return embedder
+
+    def close(self) -> None:
+        # OpenAIEmbedder has no close() of its own yet.
+        for embedder in self._made:
+            embedder._client.close()
+
+
+@pytest.fixture
+def embedder_for() -> Iterator[EmbedderMaker]:
+    """Makes OpenAIEmbedders for a test server; their connections are closed after the test."""
+    maker = EmbedderMaker()
+    yield maker
+    maker.close()
 
 
 def error_from(embedder: OpenAIEmbedder, texts: Sequence[str] = ("hello",)) -> VectorStoreError:
@@ -61,13 +89,15 @@ def cosine(a: Sequence[float], b: Sequence[float]) -> float:
 # --- vectors and requests ------------------------------------------------------------------------
 
 
-def test_each_text_gets_the_servers_vector_in_input_order(embedding_server: EmbeddingServer) -> None:
+def test_each_text_gets_the_servers_vector_in_input_order(
+    embedding_server: EmbeddingServer, embedder_for: EmbedderMaker
+) -> None:
     texts = ["the cat sat", "stock market news", "a cat"]
     assert embedder_for(embedding_server).embed(texts) == [vector_for(text) for text in texts]
 
 
 def test_vectors_keep_input_order_when_the_server_lists_them_out_of_order(
-    embedding_server: EmbeddingServer,
+    embedding_server: EmbeddingServer, embedder_for: EmbedderMaker
 ) -> None:
     embedding_server.reverse_data = True
     texts = ["first", "second", "third"]
@@ -75,13 +105,15 @@ def test_vectors_keep_input_order_when_the_server_lists_them_out_of_order(
 
 
 def test_texts_that_share_words_come_back_closer_than_texts_that_share_none(
-    embedding_server: EmbeddingServer,
+    embedding_server: EmbeddingServer, embedder_for: EmbedderMaker
 ) -> None:
     cat_sat, a_cat, market = embedder_for(embedding_server).embed(["the cat sat", "a cat", "stock market"])
     assert cosine(cat_sat, a_cat) > cosine(cat_sat, market)
 
 
-def test_a_batch_is_one_request_for_float_vectors_of_the_model(embedding_server: EmbeddingServer) -> None:
+def test_a_batch_is_one_request_for_float_vectors_of_the_model(
+    embedding_server: EmbeddingServer, embedder_for: EmbedderMaker
+) -> None:
     embedder_for(embedding_server).embed(["one", "two", "three"])
     [request] = embedding_server.embedding_requests
     assert (request.inputs, request.model, request.encoding_format, request.status) == (
@@ -92,20 +124,22 @@ def test_a_batch_is_one_request_for_float_vectors_of_the_model(embedding_server:
     )
 
 
-def test_dimensions_is_sent_when_set(embedding_server: EmbeddingServer) -> None:
+def test_dimensions_is_sent_when_set(embedding_server: EmbeddingServer, embedder_for: EmbedderMaker) -> None:
     [vector] = embedder_for(embedding_server, dimensions=32).embed(["hello"])
     assert embedding_server.embedding_requests[0].dimensions == 32
     assert vector == vector_for("hello", 32)
 
 
-def test_dimensions_is_not_sent_when_unset(embedding_server: EmbeddingServer) -> None:
+def test_dimensions_is_not_sent_when_unset(
+    embedding_server: EmbeddingServer, embedder_for: EmbedderMaker
+) -> None:
     [vector] = embedder_for(embedding_server).embed(["hello"])
     assert embedding_server.embedding_requests[0].dimensions is None
     assert len(vector) == embedding_server.default_dimensions
 
 
 def test_more_than_2048_texts_are_split_into_requests_of_at_most_2048(
-    embedding_server: EmbeddingServer,
+    embedding_server: EmbeddingServer, embedder_for: EmbedderMaker
 ) -> None:
     texts = [f"memory number {i}" for i in range(2 * MAX_INPUTS_PER_REQUEST + 1)]
     vectors = embedder_for(embedding_server).embed(texts)
@@ -113,12 +147,14 @@ def test_more_than_2048_texts_are_split_into_requests_of_at_most_2048(
     assert vectors == [vector_for(text) for text in texts]
 
 
-def test_no_texts_make_no_request(embedding_server: EmbeddingServer) -> None:
+def test_no_texts_make_no_request(embedding_server: EmbeddingServer, embedder_for: EmbedderMaker) -> None:
     assert embedder_for(embedding_server).embed([]) == []
     assert embedding_server.requests == []
 
 
-def test_calls_reuse_one_kept_alive_connection(embedding_server: EmbeddingServer) -> None:
+def test_calls_reuse_one_kept_alive_connection(
+    embedding_server: EmbeddingServer, embedder_for: EmbedderMaker
+) -> None:
     embedder = embedder_for(embedding_server)
     for text in ("one", "two", "three"):
         embedder.embed([text])
@@ -126,7 +162,7 @@ def test_calls_reuse_one_kept_alive_connection(embedding_server: EmbeddingServer
 
 
 def test_a_server_that_requires_the_key_accepts_the_right_one(
-    embedding_server_factory: EmbeddingServerFactory,
+    embedding_server_factory: EmbeddingServerFactory, embedder_for: EmbedderMaker
 ) -> None:
     server = embedding_server_factory(api_key=SENTINEL)
     assert embedder_for(server).embed(["hello"]) == [vector_for("hello")]
@@ -136,7 +172,7 @@ def test_a_server_that_requires_the_key_accepts_the_right_one(
 
 
 def test_a_429_with_retry_after_in_seconds_is_unavailable_with_that_wait_in_ms(
-    embedding_server: EmbeddingServer,
+    embedding_server: EmbeddingServer, embedder_for: EmbedderMaker
 ) -> None:
     embedding_server.fail_next(429, retry_after_s=2)
     err = error_from(embedder_for(embedding_server))
@@ -144,21 +180,27 @@ def test_a_429_with_retry_after_in_seconds_is_unavailable_with_that_wait_in_ms(
     assert err.retry_after_ms == 2000
 
 
-def test_a_429_with_retry_after_ms_is_unavailable_with_that_wait(embedding_server: EmbeddingServer) -> None:
+def test_a_429_with_retry_after_ms_is_unavailable_with_that_wait(
+    embedding_server: EmbeddingServer, embedder_for: EmbedderMaker
+) -> None:
     embedding_server.fail_next(429, retry_after_ms=1500)
     err = error_from(embedder_for(embedding_server))
     assert isinstance(err, EmbeddingUnavailable)
     assert err.retry_after_ms == 1500
 
 
-def test_retry_after_ms_wins_over_retry_after_when_both_are_sent(embedding_server: EmbeddingServer) -> None:
+def test_retry_after_ms_wins_over_retry_after_when_both_are_sent(
+    embedding_server: EmbeddingServer, embedder_for: EmbedderMaker
+) -> None:
     embedding_server.fail_next(429, retry_after_s=2, retry_after_ms=250)
     err = error_from(embedder_for(embedding_server))
     assert isinstance(err, EmbeddingUnavailable)
     assert err.retry_after_ms == 250
 
 
-def test_a_429_without_retry_after_is_unavailable_with_no_wait(embedding_server: EmbeddingServer) -> None:
+def test_a_429_without_retry_after_is_unavailable_with_no_wait(
+    embedding_server: EmbeddingServer, embedder_for: EmbedderMaker
+) -> None:
     embedding_server.fail_next(429)
     err = error_from(embedder_for(embedding_server))
     assert isinstance(err, EmbeddingUnavailable)
@@ -167,14 +209,16 @@ def test_a_429_without_retry_after_is_unavailable_with_no_wait(embedding_server:
 
 @pytest.mark.parametrize("status", [408, 500, 502, 503, 504])
 def test_a_server_error_is_unavailable_after_exactly_one_request(
-    embedding_server: EmbeddingServer, status: int
+    embedding_server: EmbeddingServer, status: int, embedder_for: EmbedderMaker
 ) -> None:
     embedding_server.fail_next(status)
     assert isinstance(error_from(embedder_for(embedding_server)), EmbeddingUnavailable)
     assert [request.status for request in embedding_server.requests] == [status]
 
 
-def test_a_timeout_is_unavailable_within_the_configured_timeout(embedding_server: EmbeddingServer) -> None:
+def test_a_timeout_is_unavailable_within_the_configured_timeout(
+    embedding_server: EmbeddingServer, embedder_for: EmbedderMaker
+) -> None:
     embedding_server.fail_next(TIMEOUT)
     started = time.monotonic()
     err = error_from(embedder_for(embedding_server, timeout_ms=300))
@@ -185,21 +229,25 @@ def test_a_timeout_is_unavailable_within_the_configured_timeout(embedding_server
 
 
 def test_a_dropped_connection_is_unavailable_after_exactly_one_request(
-    embedding_server: EmbeddingServer,
+    embedding_server: EmbeddingServer, embedder_for: EmbedderMaker
 ) -> None:
     embedding_server.fail_next(DISCONNECT)
     assert isinstance(error_from(embedder_for(embedding_server)), EmbeddingUnavailable)
     assert len(embedding_server.requests) == 1
 
 
-def test_an_unreachable_server_is_unavailable(embedding_server_factory: EmbeddingServerFactory) -> None:
+def test_an_unreachable_server_is_unavailable(
+    embedding_server_factory: EmbeddingServerFactory, embedder_for: EmbedderMaker
+) -> None:
     server = embedding_server_factory()
     embedder = embedder_for(server)
     server.stop()
     assert isinstance(error_from(embedder), EmbeddingUnavailable)
 
 
-def test_an_answer_missing_a_vector_is_unavailable(embedding_server: EmbeddingServer) -> None:
+def test_an_answer_missing_a_vector_is_unavailable(
+    embedding_server: EmbeddingServer, embedder_for: EmbedderMaker
+) -> None:
     embedding_server.fail_next(TRUNCATED)
     assert isinstance(error_from(embedder_for(embedding_server), ["one", "two"]), EmbeddingUnavailable)
 
@@ -209,7 +257,9 @@ def test_an_answer_missing_a_vector_is_unavailable(embedding_server: EmbeddingSe
     raises=AttributeError,
     reason="bug: a 200 that is not JSON reaches `answer.data` as a str; AttributeError escapes untranslated",
 )
-def test_an_answer_that_is_not_json_is_unavailable(embedding_server: EmbeddingServer) -> None:
+def test_an_answer_that_is_not_json_is_unavailable(
+    embedding_server: EmbeddingServer, embedder_for: EmbedderMaker
+) -> None:
     embedding_server.fail_next(MALFORMED)
     assert isinstance(error_from(embedder_for(embedding_server)), EmbeddingUnavailable)
 
@@ -219,7 +269,9 @@ def test_an_answer_that_is_not_json_is_unavailable(embedding_server: EmbeddingSe
     raises=OverflowError,
     reason="bug: retry_after_ms() does int(float('inf')) on `Retry-After: inf`; OverflowError escapes",
 )
-def test_a_retry_after_too_large_for_an_int_is_still_unavailable(embedding_server: EmbeddingServer) -> None:
+def test_a_retry_after_too_large_for_an_int_is_still_unavailable(
+    embedding_server: EmbeddingServer, embedder_for: EmbedderMaker
+) -> None:
     embedding_server.fail_next(429, retry_after_s=math.inf)
     assert isinstance(error_from(embedder_for(embedding_server)), EmbeddingUnavailable)
 
@@ -229,27 +281,31 @@ def test_a_retry_after_too_large_for_an_int_is_still_unavailable(embedding_serve
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
 def test_a_refusal_is_rejected_after_exactly_one_request(
-    embedding_server: EmbeddingServer, status: int
+    embedding_server: EmbeddingServer, status: int, embedder_for: EmbedderMaker
 ) -> None:
     embedding_server.fail_next(status)
     assert isinstance(error_from(embedder_for(embedding_server)), EmbeddingRejected)
     assert [request.status for request in embedding_server.requests] == [status]
 
 
-def test_an_empty_text_is_rejected(embedding_server: EmbeddingServer) -> None:
+def test_an_empty_text_is_rejected(embedding_server: EmbeddingServer, embedder_for: EmbedderMaker) -> None:
     err = error_from(embedder_for(embedding_server), ["fine", ""])
     assert isinstance(err, EmbeddingRejected)
     assert "400" in str(err)
 
 
-def test_a_wrong_key_is_rejected(embedding_server_factory: EmbeddingServerFactory) -> None:
+def test_a_wrong_key_is_rejected(
+    embedding_server_factory: EmbeddingServerFactory, embedder_for: EmbedderMaker
+) -> None:
     server = embedding_server_factory(api_key="sk-the-right-key-0000")
     err = error_from(embedder_for(server))
     assert isinstance(err, EmbeddingRejected)
     assert "401" in str(err)
 
 
-def test_the_error_names_the_servers_reason(embedding_server: EmbeddingServer) -> None:
+def test_the_error_names_the_servers_reason(
+    embedding_server: EmbeddingServer, embedder_for: EmbedderMaker
+) -> None:
     embedding_server.fail_next(404, message="The model `nope` does not exist.")
     assert "The model `nope` does not exist." in str(error_from(embedder_for(embedding_server)))
 
@@ -258,7 +314,7 @@ def test_the_error_names_the_servers_reason(embedding_server: EmbeddingServer) -
 
 
 def test_a_wrong_key_echoed_masked_by_the_server_is_not_in_the_error(
-    embedding_server_factory: EmbeddingServerFactory,
+    embedding_server_factory: EmbeddingServerFactory, embedder_for: EmbedderMaker
 ) -> None:
     server = embedding_server_factory(api_key="sk-the-right-key-0000")
     shown = visible_text(error_from(embedder_for(server)))
@@ -269,7 +325,7 @@ def test_a_wrong_key_echoed_masked_by_the_server_is_not_in_the_error(
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 429, 500, 503])
 def test_a_full_key_echoed_in_an_error_message_is_not_in_the_error(
-    embedding_server: EmbeddingServer, status: int
+    embedding_server: EmbeddingServer, status: int, embedder_for: EmbedderMaker
 ) -> None:
     embedding_server.fail_next(status, message=f"Incorrect API key provided: {SENTINEL}.")
     shown = visible_text(error_from(embedder_for(embedding_server)))
@@ -277,7 +333,9 @@ def test_a_full_key_echoed_in_an_error_message_is_not_in_the_error(
     assert "SENTINEL" not in shown
 
 
-def test_a_timeout_error_does_not_show_the_key(embedding_server: EmbeddingServer) -> None:
+def test_a_timeout_error_does_not_show_the_key(
+    embedding_server: EmbeddingServer, embedder_for: EmbedderMaker
+) -> None:
     embedding_server.fail_next(TIMEOUT)
     assert "SENTINEL" not in visible_text(error_from(embedder_for(embedding_server, timeout_ms=200)))
 
@@ -289,7 +347,10 @@ def test_a_timeout_error_does_not_show_the_key(embedding_server: EmbeddingServer
 )
 @pytest.mark.parametrize("echo", [SENTINEL, mask_key(SENTINEL)], ids=["full", "masked"])
 def test_a_key_echoed_by_the_server_does_not_reach_a_logged_traceback(
-    embedding_server: EmbeddingServer, caplog: pytest.LogCaptureFixture, echo: str
+    embedding_server: EmbeddingServer,
+    caplog: pytest.LogCaptureFixture,
+    echo: str,
+    embedder_for: EmbedderMaker,
 ) -> None:
     embedding_server.fail_next(401, message=f"Incorrect API key provided: {echo}.")
     err = error_from(embedder_for(embedding_server))
