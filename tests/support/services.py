@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 import redis
 
-from actors.local import redis_server_binary
+from kvstore.server import redis_server_binary
 
 __all__ = ["Service", "free_port", "start_chroma", "start_redis"]
 

@@ -1,0 +1,152 @@
+"""The Procfile's worker, run for real as a subprocess and fed by `send()` from this process.
+
+What only a real worker process shows: messages applied end to end, a SIGKILLed worker's message
+delivered again within 30 s, and a double SIGTERM (honcho, Heroku) letting the running message
+finish instead of dropping it.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from dramatiq.results import ResultTimeout
+
+import actors
+from actors import state
+from kvstore import Keys
+from tests.support.embedding_server import EmbeddingServer
+from tests.support.worker import READY_LINE, group_members, print_logs, running_worker, signal_group, wait_until
+
+#: Slow embeddings are the point of some tests here, so the worker must not time them out.
+SLOW_EMBEDDINGS = {"MEMSYNC_EMBEDDING_TIMEOUT_MS": "20000"}
+SHUTDOWN_TIMEOUT_S = 15
+BOOT_TIMEOUT_S = 30.0
+REDELIVERY_DEADLINE_S = 30.0
+
+
+@pytest.fixture
+def worker_logs(tmp_path: Path) -> Iterator[Path]:
+    """A directory for the workers' logs, printed after the test (pytest shows them when it failed)."""
+    yield tmp_path
+    print_logs(tmp_path)
+
+
+def sync(namespace: str, key: str, value: Any) -> Any:
+    return actors.memory_sync.send(key=key, value=value, embed=True, namespace=namespace)
+
+
+def result_of(message: Any, timeout_s: float) -> dict[str, Any]:
+    result: dict[str, Any] = message.get_result(block=True, timeout=int(timeout_s * 1000))
+    return result
+
+
+def stored_result(message: Any) -> dict[str, Any] | None:
+    try:
+        result: dict[str, Any] = message.get_result()
+    except ResultTimeout:  # no result stored (yet)
+        return None
+    return result
+
+
+def has_booted(log: Path, processes: int = 1) -> bool:
+    return log.exists() and log.read_text(errors="replace").count(READY_LINE) >= processes
+
+
+def still_in_broker(client: redis.Redis, message_id: str) -> bool:
+    """Whether the broker still holds the message: queued, delayed, or fetched and never acked."""
+    namespace, queue = Keys(state.settings().prefix).broker_namespace(), state.settings().queue
+    return any(client.hexists(f"{namespace}:{name}.msgs", message_id) for name in (queue, f"{queue}.DQ"))
+
+
+@pytest.mark.timeout(90)
+def test_the_procfile_worker_applies_synced_memories(
+    embedding_service: EmbeddingServer, redis_client: redis.Redis, namespace: str, worker_logs: Path
+) -> None:
+    values = {f"pref-{i}": f"the user likes colour number {i}" for i in range(3)}
+    with running_worker(None, worker_logs / "worker.log"):
+        messages = [sync(namespace, key, value) for key, value in values.items()]
+        results = [result_of(message, 60) for message in messages]
+
+    assert [(r["status"], r["key"], r["version"]) for r in results] == [("success", key, 1) for key in values]
+    store = state.runtime().store
+    assert {key: store.get(key, namespace=namespace) for key in values} == values
+    assert len(embedding_service.embedding_requests) == len(values)
+    assert not any(still_in_broker(redis_client, message.message_id) for message in messages)
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_workers_message_is_delivered_again_within_30_seconds(
+    embedding_service: EmbeddingServer, redis_client: redis.Redis, namespace: str, worker_logs: Path
+) -> None:
+    embedding_service.latency_ms = 4000
+    message = sync(namespace, "slow", "a memory whose worker dies")
+    with running_worker(SLOW_EMBEDDINGS, worker_logs / "killed.log") as worker:
+        wait_until(lambda: embedding_service.embedding_requests, BOOT_TIMEOUT_S, "the worker's embedding request")
+        signal_group(worker, signal.SIGKILL)
+        killed_at = time.monotonic()
+    embedding_service.latency_ms = 0
+
+    with running_worker(SLOW_EMBEDDINGS, worker_logs / "fresh.log"):
+        try:
+            result = result_of(message, REDELIVERY_DEADLINE_S - (time.monotonic() - killed_at))
+        except ResultTimeout:
+            pytest.fail(f"the killed worker's message was not delivered again within {REDELIVERY_DEADLINE_S:g} s")
+        redelivered_s = time.monotonic() - killed_at
+
+    print(f"delivered again and applied {redelivered_s:.1f} s after the kill")
+    assert redelivered_s < REDELIVERY_DEADLINE_S
+    assert (result["status"], result["version"]) == ("success", 1)
+    assert len(embedding_service.embedding_requests) == 2  # the killed attempt, then the one that applied
+    assert state.runtime().store.history("slow", namespace=namespace) == []
+    assert not still_in_broker(redis_client, message.message_id)
+
+
+@pytest.mark.timeout(90)
+def test_a_double_sigterm_lets_the_running_message_finish(
+    embedding_service: EmbeddingServer, redis_client: redis.Redis, namespace: str, worker_logs: Path
+) -> None:
+    embedding_service.latency_ms = 3000
+    env = {**SLOW_EMBEDDINGS, "MEMSYNC_SHUTDOWN_TIMEOUT_MS": str(SHUTDOWN_TIMEOUT_S * 1000)}
+    message = sync(namespace, "stopping", "a memory synced while the dyno stops")
+    with running_worker(env, worker_logs / "worker.log") as worker:
+        wait_until(lambda: embedding_service.embedding_requests, BOOT_TIMEOUT_S, "the worker's embedding request")
+        signal_group(worker, signal.SIGTERM)
+        time.sleep(0.3)
+        signal_group(worker, signal.SIGTERM)
+        stopped_at = time.monotonic()
+        wait_until(lambda: not group_members(worker.pid), SHUTDOWN_TIMEOUT_S, "the worker to exit by itself")
+        exited_s = time.monotonic() - stopped_at
+        # No other worker ran: a result stored by now was stored by this worker before it exited.
+        result = stored_result(message)
+
+    print(f"the worker exited {exited_s:.1f} s after the second SIGTERM")
+    assert result is not None, "the running message was dropped: no result once the worker had exited"
+    assert (result["status"], result["version"]) == ("success", 1)
+    assert worker.returncode == 0
+    assert len(embedding_service.embedding_requests) == 1
+    assert state.runtime().store.get("stopping", namespace=namespace) == "a memory synced while the dyno stops"
+    assert not still_in_broker(redis_client, message.message_id), "acked, so it will not run again"
+
+
+@pytest.mark.timeout(90)
+def test_a_second_worker_process_shares_the_load(
+    embedding_service: EmbeddingServer, namespace: str, worker_logs: Path
+) -> None:
+    embedding_service.latency_ms = 1000
+    one_thread = {**SLOW_EMBEDDINGS, "MEMSYNC_THREADS": "1"}
+    first, second = worker_logs / "first.log", worker_logs / "second.log"
+    with running_worker(one_thread, first), running_worker(one_thread, second):
+        wait_until(lambda: has_booted(first) and has_booted(second), BOOT_TIMEOUT_S, "both workers to boot")
+        messages = [sync(namespace, f"shared-{i}", f"memory number {i}") for i in range(4)]
+        results = [result_of(message, 60) for message in messages]
+
+    assert [r["status"] for r in results] == ["success"] * 4
+    arrivals = sorted(request.arrived_s for request in embedding_service.embedding_requests)
+    # One thread embeds one text at a time, 1 s each: requests less than 0.5 s apart came from both workers.
+    assert min(later - earlier for earlier, later in zip(arrivals, arrivals[1:])) < 0.5
