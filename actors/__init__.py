@@ -18,6 +18,8 @@ from vectorstore import Hit  # noqa: E402
 __all__ = ["broker", "memory_rollback", "memory_sync", "search"]
 
 
-def search(query: str, k: int = 5, namespace: str | None = None, where: dict[str, Any] | None = None) -> list[Hit]:
+def search(
+    query: str, k: int = 5, namespace: str | None = None, where: dict[str, Any] | None = None
+) -> list[Hit]:
     """The `k` current memories closest in meaning to `query` (higher score is closer)."""
     return state.runtime().memories.search(query, k, namespace, where)

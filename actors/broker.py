@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker
@@ -11,7 +13,7 @@ from dramatiq.results.backends import RedisBackend
 
 from actors.deadletter import DeadLetters
 from actors.lifecycle import GracefulStop, Heartbeat
-from actors.retry import RetryPolicy, Retrying
+from actors.retry import Retrying, RetryPolicy
 from kvstore import Keys
 from settings import Settings
 
@@ -24,7 +26,7 @@ def retry_policy(settings: Settings) -> RetryPolicy:
 
 def secrets_of(settings: Settings, redis_url: str) -> list[str]:
     """The values that must never reach a log line, an error or a dead-letter reason."""
-    secrets = [redis.connection.parse_url(redis_url).get("password") or ""]
+    secrets = [urlsplit(redis_url).password or ""]
     if settings.openai_api_key is not None:
         secrets.append(settings.openai_api_key.get_secret_value())
     return [secret for secret in secrets if secret]
@@ -47,12 +49,14 @@ def build_broker(settings: Settings, redis_url: str) -> RedisBroker:
         Callbacks(),
         Pipelines(),
         CurrentMessage(),
-        Results(backend=_results_backend(redis_url, keys), store_results=True, result_ttl=settings.result_ttl_ms),
+        Results(  # type: ignore[no-untyped-call]
+            backend=_results_backend(redis_url, keys), store_results=True, result_ttl=settings.result_ttl_ms
+        ),
         Retrying(retry_policy(settings), dead_letters),
         GracefulStop(),
         Heartbeat(client, keys.dramatiq_heartbeats(), max(250, settings.heartbeat_timeout_ms // 4)),
     ]
-    return RedisBroker(
+    return RedisBroker(  # type: ignore[no-untyped-call]
         client=client,
         namespace=keys.broker_namespace(),
         middleware=middleware,

@@ -38,9 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memsync", description=__doc__)
-    parser.set_defaults(command=lambda _: parser.print_help() or 2)
+    parser.set_defaults(command=lambda _: _usage(parser))
     sub = parser.add_subparsers(title="commands")
-    sub.add_parser("up", help="run Redis, Chroma and a worker locally until stopped").set_defaults(command=_up)
+    sub.add_parser("up", help="run Redis, Chroma and a worker locally until stopped").set_defaults(
+        command=_up
+    )
     sub.add_parser("demo", help="sync, search and roll back, end to end").set_defaults(command=_demo)
     search = _with_json(sub.add_parser("search", help="the memories closest in meaning to a query"))
     search.add_argument("query")
@@ -57,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     recon.set_defaults(command=_reconcile)
     _dlq_commands(sub.add_parser("dlq", help="dead-lettered messages").add_subparsers(title="dlq commands"))
     return parser
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
 
 
 def _dlq_commands(sub: Any) -> None:
@@ -95,15 +102,24 @@ def _demo(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     hits = state.runtime().memories.search(args.query, args.k, args.namespace)
     rows = [asdict(hit) for hit in hits]
-    _emit(args, rows, lambda row: f"{row['score']:.3f}  {row['key']} (v{row['version']}): {json.dumps(row['value'])}")
+    _emit(
+        args,
+        rows,
+        lambda row: f"{row['score']:.3f}  {row['key']} (v{row['version']}): {json.dumps(row['value'])}",
+    )
     return 0
 
 
 def _get(args: argparse.Namespace) -> int:
     store = state.runtime().store
-    records = [store.record(args.key, namespace=args.namespace), *store.history(args.key, namespace=args.namespace)]
+    records = [
+        store.record(args.key, namespace=args.namespace),
+        *store.history(args.key, namespace=args.namespace),
+    ]
     rows = [_record_row(record) for record in records if record is not None]
-    _emit(args, rows, lambda row: f"v{row['version']}  {'(deleted)' if row['deleted'] else row['value_json']}")
+    _emit(
+        args, rows, lambda row: f"v{row['version']}  {'(deleted)' if row['deleted'] else row['value_json']}"
+    )
     return 0 if rows else 1
 
 
@@ -114,20 +130,28 @@ def _record_row(record: Any) -> dict[str, Any]:
 def _reconcile(args: argparse.Namespace) -> int:
     drifts = reconcile(state.runtime().memories, args.namespace, repair=not args.dry_run)
     rows = [{"namespace": d.namespace, **d.counts(), "repaired": not args.dry_run} for d in drifts]
-    _emit(args, rows, lambda r: f"{r['namespace']}: missing {r['missing']}, stale {r['stale']}, orphan {r['orphan']}")
+    _emit(
+        args,
+        rows,
+        lambda r: f"{r['namespace']}: missing {r['missing']}, stale {r['stale']}, orphan {r['orphan']}",
+    )
     return 0
 
 
 def _dlq_list(args: argparse.Namespace) -> int:
-    letters = state.runtime().dead_letters.list()
+    letters = state.runtime().dead_letters.all()
     rows = [{k: v for k, v in asdict(letter).items() if k != "message"} for letter in letters]
-    _emit(args, rows, lambda r: f"{r['message_id']}  {r['actor']}  {r['key']!r}  {r['reason']}  at {r['failed_at_ms']}")
+    _emit(
+        args,
+        rows,
+        lambda r: f"{r['message_id']}  {r['actor']}  {r['key']!r}  {r['reason']}  at {r['failed_at_ms']}",
+    )
     return 0
 
 
 def _dlq_replay(args: argparse.Namespace) -> int:
     dead_letters = state.runtime().dead_letters
-    ids = [letter.message_id for letter in dead_letters.list()] if args.all else list(args.ids)
+    ids = [letter.message_id for letter in dead_letters.all()] if args.all else list(args.ids)
     if not ids:
         print("error: name message ids, or --all", file=sys.stderr)
         return 2
@@ -137,7 +161,9 @@ def _dlq_replay(args: argparse.Namespace) -> int:
     return 0 if len(replayed) == len(ids) else 1
 
 
-def _emit(args: argparse.Namespace, rows: list[dict[str, Any]], line: Callable[[dict[str, Any]], str]) -> None:
+def _emit(
+    args: argparse.Namespace, rows: list[dict[str, Any]], line: Callable[[dict[str, Any]], str]
+) -> None:
     if args.json:
         print(json.dumps(rows, default=str))
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -50,7 +51,9 @@ class DeadLetters:
         self.keys = keys
         self.secrets = tuple(secrets)
 
-    def record(self, message: dramatiq.MessageProxy | dramatiq.Message[Any], error: BaseException, retries: int) -> None:
+    def record(
+        self, message: dramatiq.MessageProxy | dramatiq.Message[Any], error: BaseException, retries: int
+    ) -> None:
         """Keep why `message` failed for good; a failure to keep it is logged, never raised."""
         letter = DeadLetter(
             message_id=message.message_id,
@@ -67,9 +70,11 @@ class DeadLetters:
         try:
             self.client.hset(self.keys.dead_letters(), letter.message_id, json.dumps(asdict(letter)))
         except redis.RedisError:
-            dramatiq.get_logger(__name__).warning("could not record the dead letter %s", letter.message_id)
+            logging.getLogger("memsync.deadletters").warning(
+                "could not record the dead letter %s", letter.message_id
+            )
 
-    def list(self) -> list[DeadLetter]:
+    def all(self) -> list[DeadLetter]:
         """Every dead letter, oldest first."""
         entries = self.client.hvals(self.keys.dead_letters())
         letters = [DeadLetter(**json.loads(entry)) for entry in entries]
@@ -80,7 +85,7 @@ class DeadLetters:
         return None if entry is None else DeadLetter(**json.loads(entry))
 
     def replay(self, broker: dramatiq.Broker, message_ids: Sequence[str]) -> list[str]:
-        """Put dead-lettered messages back on their queues, with their retries reset; returns the ids replayed.
+        """Put dead-lettered messages back on their queues with their retries reset; returns the ids replayed.
 
         The message keeps its id and send time, so a replay never overwrites a newer write.
         """

@@ -31,10 +31,14 @@ def run_demo(settings: Settings, say: Say) -> int:
     """Start the stack and a worker, then sync, search, update, roll back, printing each step."""
     say("1. starting Redis, Chroma and a worker (first start loads the embedding model)")
     with local_stack(settings, worker=True) as stack:
-        say(f"   REDIS_URL={stack.redis_url} CHROMA_URL={stack.chroma_url} (started: {', '.join(stack.started)})")
+        say(f"   REDIS_URL={stack.redis_url} CHROMA_URL={stack.chroma_url}; started: {stack.started}")
         _sync_all(say)
         _search(say, "3.")
-        _wait(say, "4. update prefs:theme to light mode", _send_sync("prefs:theme", "Switched to light mode for reading"))
+        _wait(
+            say,
+            "4. update prefs:theme to light mode",
+            _send_sync("prefs:theme", "Switched to light mode for reading"),
+        )
         _search(say, "5.")
         _wait(say, "6. roll back prefs:theme", _send_rollback("prefs:theme"))
         value = state.runtime().store.get("prefs:theme", namespace=NAMESPACE)

@@ -5,7 +5,14 @@ from __future__ import annotations
 from kvstore import InvalidKey, InvalidValue, KeyNotFound, NothingToRollBack, VersionNotFound
 from vectorstore import EmbeddingRejected, InvalidQuery, LocalModelMissing
 
-__all__ = ["PERMANENT_ERRORS", "InvalidPayload", "LocalStackError", "MemsyncError", "is_permanent"]
+__all__ = [
+    "INPUT_ERRORS",
+    "PERMANENT_ERRORS",
+    "InvalidPayload",
+    "LocalStackError",
+    "MemsyncError",
+    "is_permanent",
+]
 
 
 class MemsyncError(Exception):
@@ -32,6 +39,10 @@ PERMANENT_ERRORS: tuple[type[Exception], ...] = (
     LocalModelMissing,
     InvalidQuery,
 )
+
+
+#: Errors that say the input itself is bad (a one-off run exits 2 for them).
+INPUT_ERRORS: tuple[type[Exception], ...] = (InvalidPayload, InvalidKey, InvalidValue)
 
 
 def is_permanent(error: BaseException) -> bool:

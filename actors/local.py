@@ -89,7 +89,9 @@ def _chroma_command(settings: Settings, data_dir: Path) -> list[str]:
 
 
 @contextmanager
-def _process(name: str, command: list[str], data_dir: Path, env: dict[str, str] | None = None) -> Iterator[None]:
+def _process(
+    name: str, command: list[str], data_dir: Path, env: dict[str, str] | None = None
+) -> Iterator[None]:
     log = (data_dir / "logs" / f"{name}.log").open("ab")
     environment = {**os.environ, **(env or {})}
     try:

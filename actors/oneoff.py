@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 from actors import state
 from actors.deadletter import scrub
-from actors.errors import InvalidPayload, MemsyncError
+from actors.errors import INPUT_ERRORS, InvalidPayload
 from actors.local import local_stack
 from actors.payloads import RollbackPayload, SyncPayload, parse
 from actors.tasks import guarded, run_rollback, run_sync
@@ -30,14 +30,19 @@ def _sync(fields: dict[str, Any], meta: WriteMeta) -> dict[str, Any]:
 
 def _rollback(fields: dict[str, Any], meta: WriteMeta) -> dict[str, Any]:
     runtime, payload = state.runtime(), parse(RollbackPayload, (), fields)
-    return guarded(runtime, payload.key, payload.namespace, meta, 0, lambda: run_rollback(runtime, payload, meta))
+    return guarded(
+        runtime, payload.key, payload.namespace, meta, 0, lambda: run_rollback(runtime, payload, meta)
+    )
 
 
 JOBS: dict[str, Job] = {"MEMORY_SYNC": _sync, "MEMORY_ROLLBACK": _rollback}
 
 
 def main(environ: Mapping[str, str] = os.environ, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """Run WORKER_JOB with WORKER_PAYLOAD once; print the JSON result. Exit 0, 1 (job failed) or 2 (bad input)."""
+    """Run WORKER_JOB with WORKER_PAYLOAD once and print the JSON result.
+
+    Exits 0, 1 when the job failed, or 2 when the input is bad.
+    """
     try:
         job, fields = _read_job(environ)
     except InvalidPayload as problem:
@@ -47,7 +52,7 @@ def main(environ: Mapping[str, str] = os.environ, out: TextIO = sys.stdout, err:
         result = _run(job, fields)
     except Exception as problem:
         print(f"error: {type(problem).__name__}: {_secretless(str(problem))}", file=err)
-        return 2 if isinstance(problem, InvalidPayload) else 1
+        return 2 if isinstance(problem, INPUT_ERRORS) else 1
     print(json.dumps(result), file=out)
     return 0
 

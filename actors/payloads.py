@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
@@ -59,7 +60,7 @@ def parse(model: type[P], args: tuple[Any, ...], kwargs: dict[str, Any]) -> P:
         raise InvalidPayload("invalid payload: " + _describe(err)) from None
 
 
-def _checked(check: Any, value: Any) -> Any:
+def _checked(check: Callable[[Any], str], value: Any) -> str:
     try:
         return check(value)
     except KVStoreError as err:

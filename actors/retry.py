@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import dramatiq
 from dramatiq.middleware import Middleware
@@ -37,7 +37,7 @@ class RetryPolicy:
         """
         if is_permanent(error) or retries >= self.max_retries:
             return None
-        backoff = min(self.min_backoff_ms * 2**retries, self.max_backoff_ms)
+        backoff = min(self.min_backoff_ms * (1 << min(retries, 32)), self.max_backoff_ms)
         asked = error.retry_after_ms if isinstance(error, EmbeddingUnavailable) else None
         return max(backoff, min(asked or 0, MAX_RETRY_AFTER_MS))
 
@@ -74,4 +74,4 @@ class Retrying(Middleware):
             return
         message.options["retries"] = retries + 1
         logger.info("retrying message %s in %d ms: %s", message.message_id, delay, type(exception).__name__)
-        broker.enqueue(message, delay=delay)
+        broker.enqueue(cast("dramatiq.Message[Any]", message), delay=delay)

@@ -55,7 +55,9 @@ class Runtime:
     @cached_property
     def store(self) -> MemoryStore:
         s = self.settings
-        return MemoryStore(self.redis, prefix=s.prefix, history_length=s.history_length, max_value_bytes=s.max_value_bytes)
+        return MemoryStore(
+            self.redis, prefix=s.prefix, history_length=s.history_length, max_value_bytes=s.max_value_bytes
+        )
 
     @cached_property
     def dead_letters(self) -> DeadLetters:
@@ -77,5 +79,7 @@ class Runtime:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Chroma request otherwise
         embedder = make_embedder(self.settings)
         client = chroma_client(self.chroma_url, str(self.settings.data_dir / "chroma"))
-        index = VectorIndex(client, model=embedder.model, dimensions=embedder.dimensions, prefix=self.settings.prefix)
+        index = VectorIndex(
+            client, model=embedder.model, dimensions=embedder.dimensions, prefix=self.settings.prefix
+        )
         return Memories(self.store, index, embedder)

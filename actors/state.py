@@ -27,7 +27,9 @@ def configure(given: Settings | None = None) -> RedisBroker:
     redis_url = _settings.effective_redis_url()
     _broker = broker = build_broker(_settings, redis_url)
     dramatiq.set_broker(broker)
-    _runtime = Runtime(_settings, redis_url, _settings.effective_chroma_url(), secrets_of(_settings, redis_url))
+    _runtime = Runtime(
+        _settings, redis_url, _settings.effective_chroma_url(), secrets_of(_settings, redis_url)
+    )
     return broker
 
 

@@ -23,14 +23,21 @@ logger = logging.getLogger("memsync.actors")
 def run_sync(runtime: Runtime, payload: SyncPayload, meta: WriteMeta) -> dict[str, Any]:
     """The MEMORY_SYNC job: `{"status": "success", "key", "version", ...}`."""
     result = runtime.memories.sync(
-        payload.key, payload.value, namespace=payload.namespace, embed=payload.embed, ttl_ms=payload.ttl_ms, meta=meta
+        payload.key,
+        payload.value,
+        namespace=payload.namespace,
+        embed=payload.embed,
+        ttl_ms=payload.ttl_ms,
+        meta=meta,
     )
     return _answer("success", payload.key, result)
 
 
 def run_rollback(runtime: Runtime, payload: RollbackPayload, meta: WriteMeta) -> dict[str, Any]:
     """The MEMORY_ROLLBACK job: `{"status": "rolled_back", "key", "version", ...}`."""
-    result = runtime.memories.rollback(payload.key, namespace=payload.namespace, version=payload.version, meta=meta)
+    result = runtime.memories.rollback(
+        payload.key, namespace=payload.namespace, version=payload.version, meta=meta
+    )
     return _answer("rolled_back", payload.key, result)
 
 
@@ -45,8 +52,14 @@ def _answer(status: str, key: str, result: WriteResult) -> dict[str, Any]:
     }
 
 
-def guarded(runtime: Runtime, key: str, namespace: str | None, meta: WriteMeta, retries: int,
-            job: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def guarded(
+    runtime: Runtime,
+    key: str,
+    namespace: str | None,
+    meta: WriteMeta,
+    retries: int,
+    job: Callable[[], dict[str, Any]],
+) -> dict[str, Any]:
     """Run `job`; when it fails for good, take back what it wrote so nothing stays half-applied."""
     try:
         return job()
@@ -76,7 +89,9 @@ def memory_sync(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """Keep `value` as the key's new version, and its embedding in step when `embed` is true."""
     payload = parse(SyncPayload, args, kwargs)
     runtime, (meta, retries) = state.runtime(), _current_meta()
-    return guarded(runtime, payload.key, payload.namespace, meta, retries, lambda: run_sync(runtime, payload, meta))
+    return guarded(
+        runtime, payload.key, payload.namespace, meta, retries, lambda: run_sync(runtime, payload, meta)
+    )
 
 
 @dramatiq.actor(actor_name="memory_rollback", queue_name=state.settings().queue, throws=PERMANENT_ERRORS)

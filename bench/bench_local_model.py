@@ -19,7 +19,8 @@ from tokenizers import Tokenizer
 from vectorstore.local_model import MAX_TOKENS, LocalMiniLM, tokenizer_path
 
 TEXTS = 500
-ROUNDS = 3
+MIN_ROUNDS = 2
+MIN_SECONDS = 10.0
 SUBJECTS = [
     "The user",
     "My sister",
@@ -79,14 +80,17 @@ def padded_to_fixed_length(model: LocalMiniLM) -> LocalMiniLM:
 
 
 def texts_per_second(embed: Callable[[Sequence[str]], list[list[float]]], texts: list[str]) -> float:
-    """The best of a few timed runs, after one warm-up batch."""
+    """The best of timed runs (at least 2, and at least 10 s of them), after one warm-up batch.
+
+    The best run, not the mean: the machine is shared, and the best is the least disturbed.
+    """
     embed(texts[:32])
-    best = float("inf")
-    for _ in range(ROUNDS):
+    timings: list[float] = []
+    while len(timings) < MIN_ROUNDS or sum(timings) < MIN_SECONDS:
         start = time.perf_counter()
         embed(texts)
-        best = min(best, time.perf_counter() - start)
-    return len(texts) / best
+        timings.append(time.perf_counter() - start)
+    return len(texts) / min(timings)
 
 
 def largest_difference(a: list[list[float]], b: list[list[float]]) -> float:
@@ -98,6 +102,7 @@ def main() -> None:
     longest = LocalMiniLM()
     fixed = padded_to_fixed_length(longest)
     print(f"{TEXTS} sentences of 5-15 words, batches of 32, {os.cpu_count()} cores, {platform.machine()}")
+    print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     longest_rate = texts_per_second(longest.embed, texts)
     print(f"padded to the longest input: {longest_rate:8.1f} texts/s")
     fixed_rate = texts_per_second(fixed.embed, texts)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 __all__ = ["Outcome", "Record", "WriteResult"]
 
 
-class Outcome(str, Enum):
+class Outcome(StrEnum):
     """What an atomic write did."""
 
     APPLIED = "applied"

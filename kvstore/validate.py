@@ -84,22 +84,29 @@ def _check_json(value: Any) -> None:
 def _children(item: Any) -> list[Any]:
     if item is None or isinstance(item, bool | int):
         return []
-    if isinstance(item, float):
-        if not math.isfinite(item):
-            raise InvalidValue(f"value holds {item!r}, which JSON cannot represent")
-        return []
-    if isinstance(item, str):
-        _check_text(item)
+    if isinstance(item, float | str):
+        _check_scalar(item)
         return []
     if isinstance(item, list | tuple):
         return list(item)
     if isinstance(item, dict):
-        for name in item:
-            if not isinstance(name, str):
-                raise InvalidValue(f"object keys must be strings, not {type(name).__name__}")
-            _check_text(name)
+        _check_names(item)
         return list(item.values())
     raise InvalidValue(f"value holds a {type(item).__name__}, which is not JSON")
+
+
+def _check_scalar(item: float | str) -> None:
+    if isinstance(item, str):
+        _check_text(item)
+    elif not math.isfinite(item):
+        raise InvalidValue(f"value holds {item!r}, which JSON cannot represent")
+
+
+def _check_names(item: dict[Any, Any]) -> None:
+    for name in item:
+        if not isinstance(name, str):
+            raise InvalidValue(f"object keys must be strings, not {type(name).__name__}")
+        _check_text(name)
 
 
 def _check_text(text: str) -> None:

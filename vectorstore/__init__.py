@@ -15,9 +15,9 @@ from vectorstore.search import Hit, InvalidQuery, search
 from vectorstore.sync import Memories
 
 __all__ = [
+    "Embedder",
     "EmbeddingRejected",
     "EmbeddingUnavailable",
-    "Embedder",
     "Hit",
     "IndexEntry",
     "IndexUnavailable",

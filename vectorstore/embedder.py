@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import math
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -63,6 +64,14 @@ class OpenAIEmbedder:
     def dimensions(self) -> int | None:
         return self._dimensions
 
+    def close(self) -> None:
+        """Close the SDK's HTTP connections."""
+        self._client.close()
+
+    def close(self) -> None:
+        """Close the SDK's HTTP connections."""
+        self._client.close()
+
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         vectors: list[list[float]] = []
         for start in range(0, len(texts), MAX_INPUTS_PER_REQUEST):
@@ -75,13 +84,20 @@ class OpenAIEmbedder:
             answer = self._client.embeddings.create(
                 model=self._model, input=texts, encoding_format="float", dimensions=dimensions
             )
+        # `from None`: the SDK's error holds the server's unredacted body; a logged traceback would show it.
         except openai.APIStatusError as err:
-            raise _translate_status(err, self._secret) from err
+            raise _translate_status(err, self._secret) from None
         except (openai.APITimeoutError, openai.APIConnectionError) as err:
-            raise EmbeddingUnavailable(f"embedding server unreachable: {type(err).__name__}") from err
+            raise EmbeddingUnavailable(f"embedding server unreachable: {type(err).__name__}") from None
+        if not isinstance(getattr(answer, "data", None), list):
+            raise EmbeddingUnavailable(
+                "embedding server answered 200 with something that is not an embedding list"
+            )
         ordered = sorted(answer.data, key=lambda item: item.index)
         if len(ordered) != len(texts):
-            raise EmbeddingUnavailable(f"embedding server returned {len(ordered)} vectors for {len(texts)} texts")
+            raise EmbeddingUnavailable(
+                f"embedding server returned {len(ordered)} vectors for {len(texts)} texts"
+            )
         return [list(item.embedding) for item in ordered]
 
 
@@ -112,20 +128,25 @@ def redact(text: str, secret: str) -> str:
     return _KEY_LIKE.sub(r"\1-***", text)
 
 
+def _number(text: str | None) -> float | None:
+    """A finite number of at most a day's milliseconds, or None for anything else."""
+    try:
+        value = float(text) if text is not None else math.nan
+    except ValueError:
+        return None
+    return min(value, 86_400_000.0) if math.isfinite(value) else None
+
+
 def retry_after_ms(headers: Mapping[str, str]) -> int | None:
     """The wait response headers ask for, from `retry-after-ms` or `Retry-After` (seconds or an HTTP date)."""
-    if (raw_ms := headers.get("retry-after-ms")) is not None:
-        try:
-            return max(0, int(float(raw_ms)))
-        except ValueError:
-            pass
-    raw = headers.get("retry-after")
+    lowered = {name.lower(): value for name, value in headers.items()}
+    if (asked_ms := _number(lowered.get("retry-after-ms"))) is not None:
+        return max(0, int(asked_ms))
+    raw = lowered.get("retry-after")
     if raw is None:
         return None
-    try:
-        return max(0, int(float(raw) * 1000))
-    except ValueError:
-        pass
+    if (asked_s := _number(raw)) is not None:
+        return max(0, int(asked_s * 1000))
     try:
         parsed = email.utils.parsedate_to_datetime(raw)
     except (TypeError, ValueError):

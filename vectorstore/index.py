@@ -7,11 +7,13 @@ notion of their own (`vector_ids`): today one vector, chunk 0; long texts may ge
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -63,7 +65,9 @@ def chroma_client(url: str | None, path: str | None = None) -> ClientAPI:
     ssl = parts.scheme == "https"
     try:
         with _translated():
-            return chromadb.HttpClient(host=parts.hostname, port=parts.port or (443 if ssl else 8000), ssl=ssl)
+            return chromadb.HttpClient(
+                host=parts.hostname, port=parts.port or (443 if ssl else 8000), ssl=ssl
+            )
     except ValueError as err:  # what chromadb raises when no server answers
         raise IndexUnavailable(f"Chroma failed: {err}") from err
 
@@ -71,7 +75,9 @@ def chroma_client(url: str | None, path: str | None = None) -> ClientAPI:
 class VectorIndex:
     """Upserts, deletes and queries the vectors of keys, each with metadata key, namespace, version, hash."""
 
-    def __init__(self, client: ClientAPI, *, model: str, dimensions: int | None, prefix: str = "memsync") -> None:
+    def __init__(
+        self, client: ClientAPI, *, model: str, dimensions: int | None, prefix: str = "memsync"
+    ) -> None:
         self.client = client
         self.model = model
         self.dimensions = dimensions
@@ -85,7 +91,9 @@ class VectorIndex:
         answer = self._call(namespace, lambda c: c.get(ids=ids, include=["metadatas"]))
         return {entry.key: entry for entry in map(_entry, answer["metadatas"] or [])}
 
-    def upsert(self, namespace: str, entries: Sequence[IndexEntry], vectors: Sequence[Sequence[float]]) -> None:
+    def upsert(
+        self, namespace: str, entries: Sequence[IndexEntry], vectors: Sequence[Sequence[float]]
+    ) -> None:
         """Store one vector per entry, replacing what the keys had."""
         if not entries:
             return
@@ -115,7 +123,9 @@ class VectorIndex:
         embedding: Any = [list(vector)]
 
         def run(c: Collection) -> Any:
-            return c.query(query_embeddings=embedding, n_results=n, where=where, include=["metadatas", "distances"])
+            return c.query(
+                query_embeddings=embedding, n_results=n, where=where, include=["metadatas", "distances"]
+            )
 
         answer = self._call(namespace, run)
         metadatas, distances = answer["metadatas"][0], answer["distances"][0]
@@ -126,30 +136,30 @@ class VectorIndex:
 
     def entries(self, namespace: str) -> Iterator[IndexEntry]:
         """Every entry of a namespace, page by page."""
-        offset = 0
-        while True:
-            page = self._call(namespace, lambda c: c.get(include=["metadatas"], limit=_PAGE, offset=offset))
+        for offset in itertools.count(0, _PAGE):
+            page = self._call(namespace, functools.partial(_page, offset=offset))
             metadatas = page["metadatas"] or []
             yield from map(_entry, metadatas)
             if len(metadatas) < _PAGE:
                 return
-            offset += _PAGE
 
     def namespaces(self) -> list[str]:
         """The namespaces that have a collection for this model and these dimensions."""
         stem = collection_name(self.prefix, self.model, self.dimensions, "x")[:-1]
         with _translated():
             collections = self.client.list_collections()
-        return sorted(str((c.metadata or {}).get("namespace")) for c in collections if c.name.startswith(stem))
+        return sorted(
+            str((c.metadata or {}).get("namespace")) for c in collections if c.name.startswith(stem)
+        )
 
     def drop(self, namespace: str) -> None:
         """Delete a namespace's collection (used to rebuild the index from Redis)."""
         with _translated(), self._lock:
             self._collections.pop(namespace, None)
-            try:
-                self.client.delete_collection(collection_name(self.prefix, self.model, self.dimensions, namespace))
-            except NotFoundError:
-                pass
+            with suppress(NotFoundError):
+                self.client.delete_collection(
+                    collection_name(self.prefix, self.model, self.dimensions, namespace)
+                )
 
     def _call(self, namespace: str, operation: Callable[[Collection], T]) -> T:
         with _translated():
@@ -178,6 +188,10 @@ class VectorIndex:
     def _forget(self, namespace: str) -> None:
         with self._lock:
             self._collections.pop(namespace, None)
+
+
+def _page(collection: Collection, *, offset: int) -> Any:
+    return collection.get(include=["metadatas"], limit=_PAGE, offset=offset)
 
 
 def _metadata(namespace: str, entry: IndexEntry) -> dict[str, str | int]:

@@ -65,7 +65,12 @@ class Memories:
         return result
 
     def rollback(
-        self, key: str, *, namespace: str | None = None, version: int | None = None, meta: WriteMeta | None = None
+        self,
+        key: str,
+        *,
+        namespace: str | None = None,
+        version: int | None = None,
+        meta: WriteMeta | None = None,
     ) -> WriteResult:
         """Restore the previous (or a given retained) version as a new one, and re-index it."""
         meta = meta or WriteMeta()
@@ -81,7 +86,9 @@ class Memories:
             self.refresh(self.store.record(key, namespace=ns), ns, key)
         return undone
 
-    def refresh(self, record: Record | None, namespace: str, key: str, vector: Sequence[float] | None = None) -> str:
+    def refresh(
+        self, record: Record | None, namespace: str, key: str, vector: Sequence[float] | None = None
+    ) -> str:
         """Make the index hold exactly what `record` needs; returns what it did."""
         if record is None or record.deleted or not record.embed:
             self.index.delete(namespace, [key])
@@ -126,4 +133,6 @@ class Memories:
         with self.store.key_lock(record.key, namespace=record.namespace):
             head = self.store.record(record.key, namespace=record.namespace)
             if head is not None and head.msg_id == msg_id:
-                self.refresh(head, record.namespace, record.key, vector if head.version == record.version else None)
+                self.refresh(
+                    head, record.namespace, record.key, vector if head.version == record.version else None
+                )

@@ -120,7 +120,7 @@ def test_rolling_back_a_first_version_deletes_the_key(store: MemoryStore) -> Non
     store.rollback("k")
     assert not store.has("k")
     assert store.get("k") is None
-    assert "k" not in store.keys()
+    assert store.keys() == []
 
 
 def test_a_deleted_key_comes_back_with_a_rollback(store: MemoryStore) -> None:
@@ -170,10 +170,18 @@ def test_a_value_with_a_ttl_expires(store: MemoryStore) -> None:
 
 @pytest.mark.parametrize(
     ("key", "problem"),
-    [("", "empty"), ("a\x00b", "control character U\\+0000"), ("a\nb", "U\\+000A"), ("x" * 513, "limit"),
-     (42, "must be a string"), ("\udcff", "U\\+DCFF")],
+    [
+        ("", "empty"),
+        ("a\x00b", "control character U\\+0000"),
+        ("a\nb", "U\\+000A"),
+        ("x" * 513, "limit"),
+        (42, "must be a string"),
+        ("\udcff", "U\\+DCFF"),
+    ],
 )
-def test_an_unusable_key_is_refused_with_its_problem_named(store: MemoryStore, key: object, problem: str) -> None:
+def test_an_unusable_key_is_refused_with_its_problem_named(
+    store: MemoryStore, key: object, problem: str
+) -> None:
     with pytest.raises(InvalidKey, match=problem):
         store.set(key, "v")  # type: ignore[arg-type]
     assert store.keys() == []
@@ -181,8 +189,14 @@ def test_an_unusable_key_is_refused_with_its_problem_named(store: MemoryStore, k
 
 @pytest.mark.parametrize(
     ("value", "problem"),
-    [(float("nan"), "nan"), (float("inf"), "inf"), (b"bytes", "bytes"), ({1: "x"}, "object keys"),
-     ({"a": {1, 2}}, "set"), ("\udcff", "UTF-8")],
+    [
+        (float("nan"), "nan"),
+        (float("inf"), "inf"),
+        (b"bytes", "bytes"),
+        ({1: "x"}, "object keys"),
+        ({"a": {1, 2}}, "set"),
+        ("\udcff", "UTF-8"),
+    ],
 )
 def test_a_value_that_is_not_json_is_refused(store: MemoryStore, value: object, problem: str) -> None:
     with pytest.raises(InvalidValue, match=problem):

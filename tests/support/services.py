@@ -48,8 +48,21 @@ def start_redis(directory: Path, port: int | None = None, *, appendonly: bool = 
     """A redis-server on 127.0.0.1 (AOF with fsync every second when `appendonly`)."""
     port = port or free_port()
     directory.mkdir(parents=True, exist_ok=True)
-    command = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
-               "--save", "", "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec"]
+    command = [
+        redis_server_binary(),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(directory),
+        "--save",
+        "",
+        "--appendonly",
+        "yes" if appendonly else "no",
+        "--appendfsync",
+        "everysec",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     _wait(lambda: _pings(url), "redis-server")

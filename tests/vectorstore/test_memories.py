@@ -77,7 +77,9 @@ def test_search_gives_k_current_hits_when_many_stale_ones_rank_higher(memories: 
     assert sorted(hit.key for hit in hits) == ["fresh-0", "fresh-1", "fresh-2"]
 
 
-def test_an_unchanged_text_is_not_embedded_again(memories: Memories, embedding_service: EmbeddingServer) -> None:
+def test_an_unchanged_text_is_not_embedded_again(
+    memories: Memories, embedding_service: EmbeddingServer
+) -> None:
     memories.sync("pet", "the user has a cat", embed=True)
     calls = _embedding_calls(embedding_service)
     result = memories.sync("pet", "the user has a cat", embed=True)
@@ -118,7 +120,9 @@ def test_an_empty_string_cannot_be_embedded_and_nothing_is_written(memories: Mem
     assert memories.store.record("k") is None
 
 
-def test_an_older_message_skips_the_embedding_call(memories: Memories, embedding_service: EmbeddingServer) -> None:
+def test_an_older_message_skips_the_embedding_call(
+    memories: Memories, embedding_service: EmbeddingServer
+) -> None:
     memories.sync("k", "newer text", embed=True, meta=WriteMeta("m-2", 2_000))
     calls = _embedding_calls(embedding_service)
     memories.sync("k", "older text", embed=True, meta=WriteMeta("m-1", 1_000))

@@ -252,11 +252,6 @@ def test_an_answer_missing_a_vector_is_unavailable(
     assert isinstance(error_from(embedder_for(embedding_server), ["one", "two"]), EmbeddingUnavailable)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="bug: a 200 that is not JSON reaches `answer.data` as a str; AttributeError escapes untranslated",
-)
 def test_an_answer_that_is_not_json_is_unavailable(
     embedding_server: EmbeddingServer, embedder_for: EmbedderMaker
 ) -> None:
@@ -264,11 +259,6 @@ def test_an_answer_that_is_not_json_is_unavailable(
     assert isinstance(error_from(embedder_for(embedding_server)), EmbeddingUnavailable)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="bug: retry_after_ms() does int(float('inf')) on `Retry-After: inf`; OverflowError escapes",
-)
 def test_a_retry_after_too_large_for_an_int_is_still_unavailable(
     embedding_server: EmbeddingServer, embedder_for: EmbedderMaker
 ) -> None:
@@ -340,12 +330,6 @@ def test_a_timeout_error_does_not_show_the_key(
     assert "SENTINEL" not in visible_text(error_from(embedder_for(embedding_server, timeout_ms=200)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: `raise ... from err` chains the SDK error, whose message holds the server's unredacted "
-    "body; a log line with exc_info (Dramatiq logs failures so) prints the echoed key",
-)
 @pytest.mark.parametrize("echo", [SENTINEL, mask_key(SENTINEL)], ids=["full", "masked"])
 def test_a_key_echoed_by_the_server_does_not_reach_a_logged_traceback(
     embedding_server: EmbeddingServer,

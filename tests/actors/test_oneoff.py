@@ -1,0 +1,82 @@
+"""One-off runs: `python -m actors` with WORKER_JOB and WORKER_PAYLOAD, as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kvstore import MemoryStore
+
+
+def _run(job: str | None, payload: str | None, **extra: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORKER_JOB", "WORKER_PAYLOAD")} | extra
+    env.update(
+        {
+            name: value
+            for name, value in (("WORKER_JOB", job), ("WORKER_PAYLOAD", payload))
+            if value is not None
+        }
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "actors"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@pytest.mark.timeout(60)
+def test_a_one_off_sync_prints_its_result_and_exits_zero(namespace: str, store: MemoryStore) -> None:
+    done = _run("MEMORY_SYNC", json.dumps({"key": "test", "value": "data", "namespace": namespace}))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "status": "success", "key": "test", "version": 1, "namespace": namespace, "outcome": "applied"
+    }  # fmt: skip
+    assert store.get("test", namespace=namespace) == "data"
+
+
+@pytest.mark.timeout(60)
+def test_a_one_off_rollback_restores_the_previous_value(namespace: str, store: MemoryStore) -> None:
+    store.set("test", "first", namespace=namespace)
+    store.set("test", "second", namespace=namespace)
+    done = _run("MEMORY_ROLLBACK", json.dumps({"key": "test", "namespace": namespace}))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["status"] == "rolled_back"
+    assert store.get("test", namespace=namespace) == "first"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("job", "payload", "problem"),
+    [
+        ("MEMORY_NOPE", '{"key": "k", "value": 1}', "WORKER_JOB='MEMORY_NOPE' is not a job"),
+        (None, '{"key": "k", "value": 1}', "WORKER_JOB='' is not a job"),
+        ("MEMORY_SYNC", None, "WORKER_PAYLOAD is not set"),
+        ("MEMORY_SYNC", '{"key": "k", "value": ', "WORKER_PAYLOAD is not valid JSON"),
+        ("MEMORY_SYNC", '{"key": "k", "value": NaN}', "NaN is not a JSON value"),
+        ("MEMORY_SYNC", '["k", 1]', "must be a JSON object"),
+        ("MEMORY_SYNC", '{"value": 1}', "key: Field required"),
+        ("MEMORY_SYNC", '{"key": 7, "value": 1}', "key: Input should be a valid string"),
+        ("MEMORY_SYNC", '{"key": "k", "value": 1, "embed": "yes"}', "embed: Input should be a valid boolean"),
+        ("MEMORY_SYNC", '{"key": "k", "value": 1, "extra": true}', "extra: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_input_exits_non_zero_with_one_line_naming_the_problem(
+    job: str | None, payload: str | None, problem: str, store: MemoryStore
+) -> None:
+    done = _run(job, payload)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and problem in lines[0], done.stderr
+    assert store.record("k") is None
+
+
+@pytest.mark.timeout(60)
+def test_an_oversized_value_exits_non_zero_and_writes_nothing(namespace: str, store: MemoryStore) -> None:
+    payload = json.dumps({"key": "big", "value": "x" * 2_000, "namespace": namespace})
+    done = _run("MEMORY_SYNC", payload, MEMSYNC_MAX_VALUE_BYTES="1000")
+    assert done.returncode == 2
+    assert "limit is 1000" in done.stderr
+    assert store.record("big", namespace=namespace) is None
