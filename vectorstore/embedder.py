@@ -68,10 +68,6 @@ class OpenAIEmbedder:
         """Close the SDK's HTTP connections."""
         self._client.close()
 
-    def close(self) -> None:
-        """Close the SDK's HTTP connections."""
-        self._client.close()
-
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         vectors: list[list[float]] = []
         for start in range(0, len(texts), MAX_INPUTS_PER_REQUEST):
