@@ -13,17 +13,15 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import redis
-
 from actors.errors import LocalStackError
-from kvstore.server import redis_server_binary
+from kvstore.server import redis_answers, redis_server_binary
 from settings import Settings
+from vectorstore.index import chroma_answers
 
 __all__ = ["LocalStack", "local_stack", "worker_command"]
 
@@ -50,13 +48,13 @@ def local_stack(settings: Settings, *, worker: bool = False) -> Iterator[LocalSt
     stack = LocalStack(settings.effective_redis_url(), settings.effective_chroma_url())
     with ExitStack() as running:
         with _start_lock(data_dir):
-            if settings.redis_url is None and not _redis_answers(stack.redis_url):
+            if settings.redis_url is None and not redis_answers(stack.redis_url):
                 running.enter_context(_process("redis", _redis_command(settings, data_dir), data_dir))
-                _wait_for("Redis", lambda: _redis_answers(stack.redis_url))
+                _wait_for("Redis", lambda: redis_answers(stack.redis_url))
                 stack.started.append("redis")
-            if settings.chroma_url is None and not _chroma_answers(stack.chroma_url):
+            if settings.chroma_url is None and not chroma_answers(stack.chroma_url):
                 running.enter_context(_process("chroma", _chroma_command(settings, data_dir), data_dir))
-                _wait_for("Chroma", lambda: _chroma_answers(stack.chroma_url))
+                _wait_for("Chroma", lambda: chroma_answers(stack.chroma_url))
                 stack.started.append("chroma")
         if worker:
             running.enter_context(_process("worker", worker_command(), data_dir, stack.environment()))
@@ -122,21 +120,6 @@ def _start_lock(data_dir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _redis_answers(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
-
-
-def _chroma_answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/api/v2/heartbeat", timeout=1) as answer:
-            return bool(answer.status == 200)
-    except OSError:
-        return False
 
 
 def _wait_for(name: str, ready: object) -> None:

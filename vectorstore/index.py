@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import re
 import threading
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from chromadb.errors import ChromaError, NotFoundError
 
 from vectorstore.errors import IndexUnavailable
 
-__all__ = ["IndexEntry", "VectorIndex", "chroma_client", "collection_name", "vector_ids"]
+__all__ = ["IndexEntry", "VectorIndex", "chroma_answers", "chroma_client", "collection_name", "vector_ids"]
 
 T = TypeVar("T")
 _SAFE_NAMESPACE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -70,6 +71,15 @@ def chroma_client(url: str | None, path: str | None = None) -> ClientAPI:
             )
     except ValueError as err:  # what chromadb raises when no server answers
         raise IndexUnavailable(f"Chroma failed: {err}") from err
+
+
+def chroma_answers(url: str) -> bool:
+    """Whether a Chroma server answers its heartbeat at `url` within a second."""
+    try:
+        with urllib.request.urlopen(f"{url}/api/v2/heartbeat", timeout=1) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False
 
 
 class VectorIndex:

@@ -7,14 +7,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-import redis
-
-from kvstore.server import redis_server_binary
+from kvstore.server import redis_answers, redis_server_binary
+from vectorstore.index import chroma_answers
 
 __all__ = ["Service", "free_port", "start_chroma", "start_redis"]
 
@@ -65,7 +63,7 @@ def start_redis(directory: Path, port: int | None = None, *, appendonly: bool = 
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
-    _wait(lambda: _pings(url), "redis-server")
+    _wait(lambda: redis_answers(url), "redis-server")
     return Service(process, url)
 
 
@@ -77,23 +75,8 @@ def start_chroma(directory: Path, port: int | None = None) -> Service:
     command = [chroma, "run", "--path", str(directory), "--host", "127.0.0.1", "--port", str(port)]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    _wait(lambda: _heartbeat(url), "chroma run")
+    _wait(lambda: chroma_answers(url), "chroma run")
     return Service(process, url, log)
-
-
-def _pings(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
-
-
-def _heartbeat(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/api/v2/heartbeat", timeout=1) as answer:
-            return bool(answer.status == 200)
-    except OSError:
-        return False
 
 
 def _wait(ready: Callable[[], bool], name: str, timeout_s: float = 60.0) -> None:
