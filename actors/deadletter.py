@@ -59,8 +59,8 @@ class DeadLetters:
             message_id=message.message_id,
             actor=message.actor_name,
             queue=message.queue_name,
-            key=_argument(message, "key", 0),
-            namespace=_argument(message, "namespace", 3),
+            key=_argument(message, "key"),
+            namespace=_argument(message, "namespace"),
             reason=scrub(f"{type(error).__name__}: {error}", self.secrets)[:_REASON_LIMIT],
             error=type(error).__name__,
             retries=retries,
@@ -110,10 +110,11 @@ class DeadLetters:
         pipe.execute()
 
 
-def _argument(message: dramatiq.MessageProxy | dramatiq.Message[Any], name: str, position: int) -> str | None:
+def _argument(message: dramatiq.MessageProxy | dramatiq.Message[Any], name: str) -> str | None:
+    """A string argument of the message by name; the key may also come first, positionally."""
     value = message.kwargs.get(name)
-    if value is None and len(message.args) > position:
-        value = message.args[position]
+    if value is None and name == "key" and message.args:
+        value = message.args[0]
     return value if isinstance(value, str) else None
 
 

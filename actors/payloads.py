@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
 
@@ -17,6 +17,8 @@ P = TypeVar("P", bound="_Payload")
 
 class _Payload(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    positional: ClassVar[tuple[str, ...]] = ("key", "namespace")
 
     key: str
     namespace: str | None = None
@@ -35,6 +37,8 @@ class _Payload(BaseModel):
 class SyncPayload(_Payload):
     """`{key, value, embed?, namespace?, ttl_ms?}`: the MEMORY_SYNC job."""
 
+    positional: ClassVar[tuple[str, ...]] = ("key", "value", "embed", "namespace", "ttl_ms")
+
     value: JsonValue
     embed: bool = False
     ttl_ms: int | None = Field(None, gt=0)
@@ -43,12 +47,14 @@ class SyncPayload(_Payload):
 class RollbackPayload(_Payload):
     """`{key, version?, namespace?}`: the MEMORY_ROLLBACK job; no version means the previous one."""
 
+    positional: ClassVar[tuple[str, ...]] = ("key", "version", "namespace")
+
     version: int | None = Field(None, gt=0)
 
 
 def parse(model: type[P], args: tuple[Any, ...], kwargs: dict[str, Any]) -> P:
-    """Build a payload from an actor call's arguments (positional ones in field order)."""
-    names = list(model.model_fields)
+    """Build a payload from an actor call's arguments (positional ones in the model's `positional` order)."""
+    names = model.positional
     if len(args) > len(names):
         raise InvalidPayload(f"invalid payload: {len(args)} positional arguments; at most {len(names)}")
     fields = dict(zip(names, args, strict=False))

@@ -181,3 +181,12 @@ def test_a_dead_letter_is_replayed_once_its_cause_is_fixed(
         time.sleep(0.05)
     assert store.get("k", namespace=namespace) == "v"
     assert dead_letters.get(message.message_id) is None
+
+
+def test_positional_arguments_follow_the_seed_order_key_value_embed(
+    worker: dramatiq.Worker, store: MemoryStore
+) -> None:
+    key = f"positional-{time.time_ns()}"
+    assert _result(memory_sync.send(key, {"a": 1}, True))["status"] == "success"
+    record = store.record(key)
+    assert record is not None and (record.value, record.embed) == ({"a": 1}, True)
