@@ -62,6 +62,8 @@ class WriteResult:
 
     outcome: Outcome
     current: Record | None
+    #: Whether the key may have had a vector before this write (so the index step has work to do).
+    had_vector: bool = True
 
     @property
     def applied(self) -> bool:

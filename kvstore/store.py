@@ -212,8 +212,8 @@ class MemoryStore:
 
 
 def _result(ns: str, key: str, *, version_asked: str, reply: list[bytes]) -> WriteResult:
-    outcome = _text(reply[0])
-    fields = _decoded(dict(zip(reply[1::2], reply[2::2], strict=True)))
+    outcome, had_vector = _text(reply[0]), _text(reply[1]) == "1"
+    fields = _decoded(dict(zip(reply[2::2], reply[3::2], strict=True)))
     if outcome == "missing":
         raise KeyNotFound(f"key {key!r} in namespace {ns!r} has never been written")
     if outcome == "no_version":
@@ -221,7 +221,7 @@ def _result(ns: str, key: str, *, version_asked: str, reply: list[bytes]) -> Wri
     if outcome == "nothing":
         raise NothingToRollBack(f"key {key!r} is deleted and has no earlier version to restore")
     current = Record.from_fields(ns, key, fields) if fields else None
-    return WriteResult(Outcome(outcome), current)
+    return WriteResult(Outcome(outcome), current, had_vector)
 
 
 def _decoded(fields: Mapping[Any, Any]) -> dict[str, str]:

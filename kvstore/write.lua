@@ -17,8 +17,10 @@
 -- ARGV[11] time to live in ms, "0" for none
 -- ARGV[12] "1" when the message's send time orders it; "0" for a direct call, which always applies
 --
--- Returns {outcome, field, value, field, value, ...}: the outcome ("applied", "duplicate", "stale",
--- or for a rollback "missing", "nothing", "no_version") and the head's fields after the call.
+-- Returns {outcome, had_vector, field, value, field, value, ...}: the outcome ("applied", "duplicate",
+-- "stale", or for a rollback "missing", "nothing", "no_version"); "1" when the version before this
+-- write was embedded (always "1" for a duplicate, whose index step may not have run); and the head's
+-- fields after the call.
 -- A message whose id wrote the current version, or that was sent before the message that did
 -- (ties broken by id), changes nothing.
 
@@ -33,13 +35,15 @@ local function as_map(flat)
     return map
 end
 
+local head = as_map(redis.call("HGETALL", head_key))
+local had_vector = (head.embed == "1" and head.value ~= nil) and "1" or "0"
+
 local function answer(outcome)
-    local out = {outcome}
+    local out = {outcome, outcome == "duplicate" and "1" or had_vector}
     for _, item in ipairs(redis.call("HGETALL", head_key)) do table.insert(out, item) end
     return out
 end
 
-local head = as_map(redis.call("HGETALL", head_key))
 if head.msg_id == msg_id then return answer("duplicate") end
 if head.version then
     local head_ts = tonumber(head.msg_ts)

@@ -55,13 +55,14 @@ class Memories:
         if embed and not text.strip():
             raise InvalidValue("value is an empty string; there is nothing to embed")
         digest = content_hash(text) if embed else ""
-        if (early := self._superseded(key, ns, meta)) is not None:
-            return early
-        vector = self._vector(ns, key, text, digest) if embed else None
+        current = self.store.record(key, namespace=ns)
+        if _newer_than(current, meta):
+            return WriteResult(Outcome.STALE, current)
+        vector = self._vector(ns, key, text, digest, current) if embed else None
         result = self.store.set(
             key, value, namespace=ns, embed=embed, content_hash=digest, ttl_ms=ttl_ms, meta=meta
         )
-        self._follow(result.current, meta.msg_id, vector)
+        self._follow(result, meta.msg_id, vector)
         return result
 
     def rollback(
@@ -75,7 +76,7 @@ class Memories:
         """Restore the previous (or a given retained) version as a new one, and re-index it."""
         meta = meta or WriteMeta()
         result = self.store.rollback(key, namespace=namespace, version=version, meta=meta)
-        self._follow(result.current, meta.msg_id, None)
+        self._follow(result, meta.msg_id, None)
         return result
 
     def undo(self, key: str, msg_id: str, *, namespace: str | None = None) -> bool:
@@ -89,19 +90,24 @@ class Memories:
     def refresh(
         self, record: Record | None, namespace: str, key: str, vector: Sequence[float] | None = None
     ) -> str:
-        """Make the index hold exactly what `record` needs; returns what it did."""
+        """Make the index hold exactly what `record` needs; returns what it did.
+
+        `vector`, when given, is the embedding of exactly the record's text.
+        """
         if record is None or record.deleted or not record.embed:
             self.index.delete(namespace, [key])
             return "deleted"
         entry = IndexEntry(key, record.version, record.content_hash)
+        if vector is not None:
+            self.index.upsert(namespace, [entry], [vector])
+            return "embedded"
         stored = self.index.stored(namespace, [key]).get(key)
         if stored is not None and stored.content_hash == record.content_hash:
             if stored.version != record.version:
                 self.index.relabel(namespace, [entry])
                 return "relabelled"
             return "unchanged"
-        if vector is None:
-            vector = self.embedder.embed([embedding_text(record.value, record.value_json or "")])[0]
+        vector = self.embedder.embed([embedding_text(record.value, record.value_json or "")])[0]
         self.index.upsert(namespace, [entry], [vector])
         return "embedded"
 
@@ -111,28 +117,33 @@ class Memories:
         """The `k` current memories closest in meaning to `query`; see `vectorstore.search.search`."""
         return search(query, k, namespace, where, store=self.store, index=self.index, embedder=self.embedder)
 
-    def _superseded(self, key: str, namespace: str, meta: WriteMeta) -> WriteResult | None:
-        """Skip the embedding call when a newer message already wrote the key."""
-        current = self.store.record(key, namespace=namespace)
-        if current is None or not meta.ordered or current.msg_id == meta.msg_id:
-            return None
-        if (meta.msg_ts, meta.msg_id) < (current.msg_ts, current.msg_id):
-            return WriteResult(Outcome.STALE, current)
-        return None
-
-    def _vector(self, namespace: str, key: str, text: str, digest: str) -> list[float] | None:
-        stored = self.index.stored(namespace, [key]).get(key)
-        if stored is not None and stored.content_hash == digest:
-            return None
+    def _vector(
+        self, namespace: str, key: str, text: str, digest: str, current: Record | None
+    ) -> list[float] | None:
+        """The text's embedding, or None when the key's vector already has the text's hash."""
+        if current is not None and current.embed and current.content_hash == digest:
+            stored = self.index.stored(namespace, [key]).get(key)
+            if stored is not None and stored.content_hash == digest:
+                return None
         return self.embedder.embed([text])[0]
 
-    def _follow(self, record: Record | None, msg_id: str, vector: Sequence[float] | None) -> None:
-        """Update the index for `record` if this message still owns the key's current version."""
+    def _follow(self, result: WriteResult, msg_id: str, vector: Sequence[float] | None) -> None:
+        """Update the index for the key if this message still owns its current version."""
+        record = result.current
         if record is None or record.msg_id != msg_id:
             return
+        if not record.embed and not result.had_vector:
+            return  # no vector before, none now
         with self.store.key_lock(record.key, namespace=record.namespace):
             head = self.store.record(record.key, namespace=record.namespace)
             if head is not None and head.msg_id == msg_id:
                 self.refresh(
                     head, record.namespace, record.key, vector if head.version == record.version else None
                 )
+
+
+def _newer_than(current: Record | None, meta: WriteMeta) -> bool:
+    """Whether a newer message than `meta`'s already wrote the key (so this one changes nothing)."""
+    if current is None or not meta.ordered or current.msg_id == meta.msg_id:
+        return False
+    return (meta.msg_ts, meta.msg_id) < (current.msg_ts, current.msg_id)
