@@ -11,6 +11,7 @@ from vectorstore.errors import (
     VectorStoreError,
 )
 from vectorstore.index import IndexEntry, VectorIndex, chroma_client, collection_name
+from vectorstore.local_model import LocalMiniLM
 from vectorstore.search import Hit, InvalidQuery, search
 from vectorstore.sync import Memories
 
@@ -22,6 +23,7 @@ __all__ = [
     "IndexEntry",
     "IndexUnavailable",
     "InvalidQuery",
+    "LocalMiniLM",
     "LocalModelMissing",
     "Memories",
     "OpenAIEmbedder",
