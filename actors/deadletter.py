@@ -11,6 +11,8 @@ from typing import Any
 
 import dramatiq
 import redis
+from dramatiq.results import Results
+from dramatiq.results.backends import RedisBackend
 
 from kvstore import Keys
 
@@ -87,14 +89,17 @@ class DeadLetters:
     def replay(self, broker: dramatiq.Broker, message_ids: Sequence[str]) -> list[str]:
         """Put dead-lettered messages back on their queues with their retries reset; returns the ids replayed.
 
-        The message keeps its id and send time, so a replay never overwrites a newer write.
+        The message keeps its id and send time, so a replay never overwrites a newer write. Its
+        stored failure is removed first, so that waiting for its result waits for the replay.
         """
         replayed = []
         for message_id in message_ids:
             letter = self.get(message_id)
             if letter is None:
                 continue
-            broker.enqueue(_fresh(letter.message))
+            message = _fresh(letter.message)
+            _forget_result(broker, message)
+            broker.enqueue(message)
             self._forget(letter)
             replayed.append(message_id)
         return replayed
@@ -108,6 +113,13 @@ class DeadLetters:
             pipe.zrem(xqueue, redis_id)
             pipe.hdel(f"{xqueue}.msgs", redis_id)
         pipe.execute()
+
+
+def _forget_result(broker: dramatiq.Broker, message: dramatiq.Message[Any]) -> None:
+    for middleware in broker.middleware:
+        if isinstance(middleware, Results) and isinstance(middleware.backend, RedisBackend):
+            backend = middleware.backend
+            backend.client.delete(backend.build_message_key(message))
 
 
 def _argument(message: dramatiq.MessageProxy | dramatiq.Message[Any], name: str) -> str | None:
