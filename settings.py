@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     max_value_bytes: int = Field(1_048_576, alias="MEMSYNC_MAX_VALUE_BYTES", gt=0, le=512 * 1024 * 1024)
     result_ttl_ms: int = Field(86_400_000, alias="MEMSYNC_RESULT_TTL_MS", gt=0)
     heartbeat_timeout_ms: int = Field(10_000, alias="MEMSYNC_HEARTBEAT_TIMEOUT_MS", ge=1_000)
-    maintenance_chance: int = Field(100_000, alias="MEMSYNC_MAINTENANCE_CHANCE", ge=1, le=1_000_000)
+    maintenance_chance: int = Field(500_000, alias="MEMSYNC_MAINTENANCE_CHANCE", ge=1, le=1_000_000)
     time_limit_ms: int = Field(120_000, alias="MEMSYNC_TIME_LIMIT_MS", gt=0)
     local_redis_port: int = Field(6479, alias="MEMSYNC_LOCAL_REDIS_PORT", gt=0, lt=65536)
     local_chroma_port: int = Field(8479, alias="MEMSYNC_LOCAL_CHROMA_PORT", gt=0, lt=65536)
