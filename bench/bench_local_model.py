@@ -2,7 +2,7 @@
 
 Both runs use one onnxruntime session, the same batching (32 texts, sorted by length) and the same
 pooling; only the tokenizer's padding differs. Fixed 256 is what Chroma's bundled ONNX function does.
-Run: /work/venv/bin/python bench/bench_local_model.py
+Run: python bench/bench_local_model.py
 """
 
 from __future__ import annotations
