@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import uuid
 from urllib.parse import urlsplit
 
 import dramatiq
 import redis
+from dramatiq import Consumer
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Callbacks, CurrentMessage, Pipelines, ShutdownNotifications, TimeLimit
 from dramatiq.results import Results
@@ -17,7 +20,29 @@ from actors.retry import Retrying, RetryPolicy
 from kvstore import Keys
 from settings import Settings
 
-__all__ = ["build_broker", "retry_policy", "secrets_of"]
+__all__ = ["MemsyncBroker", "build_broker", "retry_policy", "secrets_of"]
+
+logger = logging.getLogger("memsync.broker")
+
+
+class MemsyncBroker(RedisBroker):
+    """Dramatiq's Redis broker, taking a new worker id whenever a consumer reconnects.
+
+    A fetch that Redis ran but never answered (the connection broke, or Redis restarted) leaves
+    messages in this worker's unacknowledged set that the worker never received, and Dramatiq
+    drops the delayed messages it held. Dramatiq hands such messages out again only once the
+    worker's heartbeat stops; with a new id, the old one stops beating, and after the heartbeat
+    timeout the maintenance pass hands them out again. Any of them still running here is then
+    applied twice, which the writes are made for.
+    """
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
+        consumed: set[str] = self.__dict__.setdefault("_consumed", set())
+        if queue_name in consumed:
+            self.broker_id = str(uuid.uuid4())
+            logger.warning("consumer of %s reconnected: this worker is now %s", queue_name, self.broker_id)
+        consumed.add(queue_name)
+        return super().consume(queue_name, prefetch, timeout)
 
 
 def retry_policy(settings: Settings) -> RetryPolicy:
@@ -38,7 +63,7 @@ def _results_backend(redis_url: str, keys: Keys) -> RedisBackend:
     return RedisBackend(client=client, namespace=keys.results_namespace())
 
 
-def build_broker(settings: Settings, redis_url: str) -> RedisBroker:
+def build_broker(settings: Settings, redis_url: str) -> MemsyncBroker:
     """A Redis broker whose killed workers' messages come back within seconds, with results stored."""
     keys = Keys(settings.prefix)
     client = redis.Redis.from_url(redis_url)
@@ -56,7 +81,7 @@ def build_broker(settings: Settings, redis_url: str) -> RedisBroker:
         GracefulStop(),
         Heartbeat(client, keys.dramatiq_heartbeats(), max(250, settings.heartbeat_timeout_ms // 4)),
     ]
-    return RedisBroker(  # type: ignore[no-untyped-call]
+    return MemsyncBroker(  # type: ignore[no-untyped-call]
         client=client,
         namespace=keys.broker_namespace(),
         middleware=middleware,

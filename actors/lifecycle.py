@@ -65,18 +65,16 @@ class Heartbeat(Middleware):
         self._stop = threading.Event()
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        broker_id = getattr(broker, "broker_id", None)
-        if broker_id is not None:
+        if getattr(broker, "broker_id", None) is not None:
             self._stop = threading.Event()
-            beat = threading.Thread(target=self._beat, args=(str(broker_id), self._stop), daemon=True)
-            beat.start()
+            threading.Thread(target=self._beat, args=(broker, self._stop), daemon=True).start()
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         self._stop.set()
 
-    def _beat(self, broker_id: str, stop: threading.Event) -> None:
+    def _beat(self, broker: Any, stop: threading.Event) -> None:
         while not stop.wait(self.interval_s):
-            try:
-                self.client.zadd(self.key, {broker_id: time.time_ns() // 1_000_000}, xx=True)
+            try:  # the id is read at each beat: MemsyncBroker takes a new one when a consumer reconnects
+                self.client.zadd(self.key, {str(broker.broker_id): time.time_ns() // 1_000_000}, xx=True)
             except redis.RedisError:
                 logger.warning("heartbeat failed; Redis unreachable")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, cast
 
 import dramatiq
+import redis
+from dramatiq.errors import BrokerConnectionError
 from dramatiq.middleware import Middleware
 
 from actors.deadletter import DeadLetters
@@ -17,6 +20,8 @@ __all__ = ["MAX_RETRY_AFTER_MS", "RetryPolicy", "Retrying"]
 
 #: The longest Retry-After honoured; a server asking for more is retried after this.
 MAX_RETRY_AFTER_MS = 3_600_000
+#: How long to wait before trying again to put a retry on an unreachable broker.
+REQUEUE_PAUSE_MS = 1000
 
 logger = logging.getLogger("memsync.retry")
 
@@ -74,4 +79,20 @@ class Retrying(Middleware):
             return
         message.options["retries"] = retries + 1
         logger.info("retrying message %s in %d ms: %s", message.message_id, delay, type(exception).__name__)
-        broker.enqueue(cast("dramatiq.Message[Any]", message), delay=delay)
+        _enqueue_until_stored(broker, cast("dramatiq.Message[Any]", message), delay)
+
+
+def _enqueue_until_stored(broker: dramatiq.Broker, message: dramatiq.Message[Any], delay: int) -> None:
+    """Put the retry on the broker, trying again while the broker is unreachable.
+
+    The worker acknowledges the message once this hook returns, so a retry that was never stored
+    would lose it; Dramatiq's worker keeps trying its acks the same way.
+    """
+    while True:
+        try:
+            broker.enqueue(message, delay=delay)
+            return
+        except (BrokerConnectionError, redis.ConnectionError, redis.TimeoutError) as error:
+            name = type(error).__name__  # never the error's text: it could name a host with a password
+            logger.warning("could not requeue message %s (%s); trying again", message.message_id, name)
+            time.sleep(REQUEUE_PAUSE_MS / 1000)
