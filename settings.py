@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "SettingsError", "load_settings"]
@@ -47,6 +48,16 @@ class Settings(BaseSettings):
     local_redis_port: int = Field(6479, alias="MEMSYNC_LOCAL_REDIS_PORT", gt=0, lt=65536)
     local_chroma_port: int = Field(8479, alias="MEMSYNC_LOCAL_CHROMA_PORT", gt=0, lt=65536)
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, url: str | None) -> str | None:
+        return _checked_url(url, ("redis", "rediss", "unix"))
+
+    @field_validator("chroma_url", "openai_base_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        return _checked_url(url, ("http", "https"))
+
     def uses_openai(self) -> bool:
         """Whether embeddings come from an OpenAI-compatible server rather than the local model."""
         if self.embedder == "auto":
@@ -79,6 +90,20 @@ def load_settings() -> Settings:
     if settings.max_backoff_ms < settings.min_backoff_ms:
         raise SettingsError("MEMSYNC_MAX_BACKOFF_MS: must not be below MEMSYNC_MIN_BACKOFF_MS")
     return settings
+
+
+def _checked_url(url: str | None, schemes: tuple[str, ...]) -> str | None:
+    """`url` if it parses with one of `schemes` and a usable port; the error never repeats the URL."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018  (raises ValueError for a port that is not a number in range)
+    except ValueError:
+        raise ValueError("the port is not a number from 0 to 65535") from None
+    if parts.scheme not in schemes or not (parts.hostname or parts.scheme == "unix"):
+        raise ValueError(f"must look like {schemes[0]}://host:port")
+    return url
 
 
 def _describe(err: ValidationError) -> str:

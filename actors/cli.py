@@ -140,7 +140,8 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 def _dlq_list(args: argparse.Namespace) -> int:
     letters = state.runtime().dead_letters.all()
-    rows = [{k: v for k, v in asdict(letter).items() if k != "message"} for letter in letters]
+    # vars(), not asdict(): that copies the message recursively, which fails on a deeply nested value.
+    rows = [{k: v for k, v in vars(letter).items() if k != "message"} for letter in letters]
     _emit(
         args,
         rows,

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import dramatiq
@@ -70,7 +70,9 @@ class DeadLetters:
             message=dict(message.asdict()),
         )
         try:
-            self.client.hset(self.keys.dead_letters(), letter.message_id, json.dumps(asdict(letter)))
+            # vars(), not asdict(): that copies the message recursively, and a deeply nested value
+            # (which is why some messages are dead-lettered) raises RecursionError.
+            self.client.hset(self.keys.dead_letters(), letter.message_id, json.dumps(vars(letter)))
         except redis.RedisError:
             logging.getLogger("memsync.deadletters").warning(
                 "could not record the dead letter %s", letter.message_id

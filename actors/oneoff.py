@@ -76,6 +76,10 @@ def _json_object(text: str) -> dict[str, Any]:
         fields = json.loads(text, parse_constant=refuse)
     except json.JSONDecodeError as problem:
         raise InvalidPayload(f"WORKER_PAYLOAD is not valid JSON: {problem}") from None
+    except ValueError:  # the only other one: an integer longer than sys.get_int_max_str_digits()
+        raise InvalidPayload("WORKER_PAYLOAD holds an integer too long to read") from None
+    except RecursionError:
+        raise InvalidPayload("WORKER_PAYLOAD is nested too deeply to read") from None
     if not isinstance(fields, dict):
         raise InvalidPayload(f"WORKER_PAYLOAD must be a JSON object, not {type(fields).__name__}")
     return fields

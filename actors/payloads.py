@@ -10,9 +10,14 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, f
 from actors.errors import InvalidPayload
 from kvstore import KVStoreError, check_key, check_namespace
 
-__all__ = ["RollbackPayload", "SyncPayload", "parse"]
+__all__ = ["MAX_TTL_MS", "RollbackPayload", "SyncPayload", "parse"]
 
 P = TypeVar("P", bound="_Payload")
+
+#: The longest time to live: the largest integer the write script's Lua numbers (doubles) hold exactly.
+#: Past it they lose digits, and from about 1e17 Redis refuses them after the script has written the value.
+MAX_TTL_MS = 2**53
+_LOCATION_LIMIT = 80
 
 
 class _Payload(BaseModel):
@@ -41,7 +46,7 @@ class SyncPayload(_Payload):
 
     value: JsonValue
     embed: bool = False
-    ttl_ms: int | None = Field(None, gt=0)
+    ttl_ms: int | None = Field(None, gt=0, le=MAX_TTL_MS)
 
 
 class RollbackPayload(_Payload):
@@ -76,6 +81,13 @@ def _checked(check: Callable[[Any], str], value: Any) -> str:
 def _describe(err: ValidationError) -> str:
     problems = []
     for problem in err.errors(include_url=False, include_input=False):
-        where = ".".join(str(part) for part in problem["loc"]) or "payload"
-        problems.append(f"{where}: {problem['msg']}")
+        problems.append(f"{_location(problem['loc'])}: {problem['msg']}")
     return "; ".join(problems)
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    """Where a problem is, on one line (a name with a line break is quoted) and short."""
+    where = ".".join(str(part) if str(part).isprintable() else repr(part) for part in loc) or "payload"
+    if len(where) > _LOCATION_LIMIT:  # deep in a value: keep the problem, not a 2,000-character path
+        where = where[:_LOCATION_LIMIT] + "..."
+    return where

@@ -10,6 +10,7 @@ import dramatiq
 from dramatiq.middleware import CurrentMessage
 
 from actors import state
+from actors.deadletter import scrub
 from actors.errors import PERMANENT_ERRORS
 from actors.payloads import RollbackPayload, SyncPayload, parse
 from actors.runtime import Runtime
@@ -66,6 +67,7 @@ def guarded(
     except Exception as error:
         if runtime.policy.is_final(error, retries):
             _undo(runtime, key, namespace, meta.msg_id)
+        _scrub_in_place(error, runtime.secrets)  # Dramatiq logs it and stores str(error) as the result
         raise
 
 
@@ -75,6 +77,10 @@ def _undo(runtime: Runtime, key: str, namespace: str | None, msg_id: str) -> Non
             logger.warning("undid the write of message %s to key %r: it failed for good", msg_id, key)
     except Exception as error:  # the original failure is the one to report
         logger.error("could not undo message %s (%s); run `memsync reconcile`", msg_id, type(error).__name__)
+
+
+def _scrub_in_place(error: BaseException, secrets: list[str]) -> None:
+    error.args = tuple(scrub(arg, secrets) if isinstance(arg, str) else arg for arg in error.args)
 
 
 def _current_meta() -> tuple[WriteMeta, int]:

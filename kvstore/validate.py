@@ -55,7 +55,10 @@ def check_namespace(namespace: object) -> str:
 def canonical_json(value: Any, max_bytes: int) -> str:
     """Return the canonical JSON of `value` (sorted keys, no spaces), refusing what is not JSON."""
     _check_json(value)
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    try:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError as err:  # an integer longer than sys.get_int_max_str_digits(), say
+        raise InvalidValue(f"value cannot be written as JSON: {str(err).split(';')[0]}") from None
     size = len(text.encode("utf-8"))
     if size > max_bytes:
         raise ValueTooLarge(f"value is {size} bytes as JSON; the limit is {max_bytes}")
@@ -76,7 +79,8 @@ def _check_json(value: Any) -> None:
     pending: list[tuple[Any, int]] = [(value, 1)]
     while pending:
         item, depth = pending.pop()
-        if depth > MAX_DEPTH:
+        # Only arrays and objects are levels: 64 of them is allowed whatever the innermost holds.
+        if depth > MAX_DEPTH and isinstance(item, list | tuple | dict):
             raise InvalidValue(f"value is nested more than {MAX_DEPTH} levels deep")
         pending.extend((child, depth + 1) for child in _children(item))
 

@@ -73,3 +73,21 @@ def test_the_api_key_never_appears_in_the_settings_repr(monkeypatch: pytest.Monk
     monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-sentinel-99")
     settings = load_settings()
     assert "sk-secret-sentinel-99" not in repr(settings) and "sk-secret-sentinel-99" not in str(settings)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("REDIS_URL", "redis://:hunter2@127.0.0.1:notaport/0"),
+        ("REDIS_URL", "http://127.0.0.1:6379"),
+        ("CHROMA_URL", "127.0.0.1:8000"),
+        ("OPENAI_BASE_URL", "ftp://example"),
+    ],
+)
+def test_a_malformed_url_is_refused_naming_the_variable_but_not_the_url(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError, match=variable) as caught:
+        load_settings()
+    assert value not in str(caught.value) and "hunter2" not in str(caught.value)

@@ -42,8 +42,13 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def start_redis(directory: Path, port: int | None = None, *, appendonly: bool = False) -> Service:
-    """A redis-server on 127.0.0.1 (AOF with fsync every second when `appendonly`)."""
+def start_redis(
+    directory: Path, port: int | None = None, *, appendonly: bool = False, password: str | None = None
+) -> Service:
+    """A redis-server on 127.0.0.1 (AOF with fsync every second when `appendonly`).
+
+    With `password`, the server requires it and the URL carries it: `redis://:password@127.0.0.1:port/0`.
+    """
     port = port or free_port()
     directory.mkdir(parents=True, exist_ok=True)
     command = [
@@ -61,8 +66,11 @@ def start_redis(directory: Path, port: int | None = None, *, appendonly: bool = 
         "--appendfsync",
         "everysec",
     ]
+    if password is not None:
+        command += ["--requirepass", password]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
+    auth = "" if password is None else f":{password}@"
+    url = f"redis://{auth}127.0.0.1:{port}/0"
     _wait(lambda: redis_answers(url), "redis-server")
     return Service(process, url)
 
