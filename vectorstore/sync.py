@@ -22,7 +22,11 @@ from vectorstore.embedder import Embedder
 from vectorstore.index import IndexEntry, VectorIndex
 from vectorstore.search import Hit, search
 
-__all__ = ["Memories"]
+__all__ = ["LOCK_TIMEOUT_MS", "Memories"]
+
+#: How long a key's index lock lives if its holder dies: the index step holds it for a Redis read
+#: and one or two index calls, never an embedding.
+LOCK_TIMEOUT_MS = 8_000
 
 
 class Memories:
@@ -107,7 +111,7 @@ class Memories:
                 self.index.relabel(namespace, [entry])
                 return "relabelled"
             return "unchanged"
-        vector = self.embedder.embed([embedding_text(record.value, record.value_json or "")])[0]
+        vector = self.embedder.embed([_text_of(record)])[0]
         self.index.upsert(namespace, [entry], [vector])
         return "embedded"
 
@@ -128,18 +132,33 @@ class Memories:
         return self.embedder.embed([text])[0]
 
     def _follow(self, result: WriteResult, msg_id: str, vector: Sequence[float] | None) -> None:
-        """Update the index for the key if this message still owns its current version."""
+        """Update the index for the key if this message still owns its current version.
+
+        Any embedding happens before the lock, so the lock is held for a Redis read and one or two
+        index calls only; that keeps its expiry short for a worker that dies holding it. If a newer
+        version without a vector owns the key, make sure the key has no vector left.
+        """
         record = result.current
         if record is None or record.msg_id != msg_id:
             return
         if not record.embed and not result.had_vector:
             return  # no vector before, none now
-        with self.store.key_lock(record.key, namespace=record.namespace):
+        if record.embed and vector is None:
+            vector = self._vector(record.namespace, record.key, _text_of(record), record.content_hash, record)
+        with self.store.key_lock(record.key, namespace=record.namespace, timeout_ms=LOCK_TIMEOUT_MS):
             head = self.store.record(record.key, namespace=record.namespace)
             if head is not None and head.msg_id == msg_id:
                 self.refresh(
                     head, record.namespace, record.key, vector if head.version == record.version else None
                 )
+            elif head is None or head.deleted or not head.embed:
+                # A newer version without a vector took over. Its writer skipped this step, as the
+                # version before it (this one) had none; an older vector may still be in the index.
+                self.index.delete(record.namespace, [record.key])
+
+
+def _text_of(record: Record) -> str:
+    return embedding_text(record.value, record.value_json or "")
 
 
 def _newer_than(current: Record | None, meta: WriteMeta) -> bool:

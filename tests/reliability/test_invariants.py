@@ -33,7 +33,9 @@ def test_a_consistent_state_passes(memories: Memories, dead_letters: DeadLetters
     assert counts["keys"] == 2
 
 
-def test_a_message_applied_twice_is_caught(memories: Memories, dead_letters: DeadLetters, namespace: str) -> None:
+def test_a_message_applied_twice_is_caught(
+    memories: Memories, dead_letters: DeadLetters, namespace: str
+) -> None:
     expected = _synced(memories, namespace)
     memories.sync("a", "a bird", embed=True, namespace=namespace)  # a second application, as a new version
     with pytest.raises(AssertionError, match="'a'"):
@@ -47,7 +49,9 @@ def test_a_stale_vector_is_caught(memories: Memories, dead_letters: DeadLetters,
         check_invariants(memories, dead_letters, expected)
 
 
-def test_an_unexpected_dead_letter_is_caught(memories: Memories, dead_letters: DeadLetters, namespace: str) -> None:
+def test_an_unexpected_dead_letter_is_caught(
+    memories: Memories, dead_letters: DeadLetters, namespace: str
+) -> None:
     expected = _synced(memories, namespace)
     expected.dead_message_ids.add("never-sent")
     with pytest.raises(AssertionError, match="dead letters"):
