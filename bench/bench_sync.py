@@ -25,8 +25,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test servers live in tests/support
 
-from tests.support.embedding_server import EmbeddingServer  # noqa: E402
-from tests.support.services import Service, start_chroma, start_redis  # noqa: E402
+from tests.support.embedding_server import EmbeddingServer
+from tests.support.services import Service, start_chroma, start_redis
 
 MESSAGES = 1000
 THREADS = 8
