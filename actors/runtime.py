@@ -76,7 +76,8 @@ class Runtime:
 
     @cached_property
     def _memories(self) -> Memories:
-        logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Chroma request otherwise
+        for name in ("httpx", "httpx2"):  # one INFO line per Chroma or embedding request otherwise
+            logging.getLogger(name).setLevel(logging.WARNING)
         embedder = make_embedder(self.settings)
         client = chroma_client(self.chroma_url, str(self.settings.data_dir / "chroma"))
         index = VectorIndex(
