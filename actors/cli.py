@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
+import redis
+
 from actors import state
 from actors.demo import run_demo
 from actors.errors import MemsyncError
@@ -33,6 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command(args)
     except (MemsyncError, KVStoreError, VectorStoreError, SettingsError) as error:
         print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    except redis.RedisError as error:  # only its type: redis-py's text may name the host
+        print(f"error: Redis is unreachable ({type(error).__name__}); is REDIS_URL right?", file=sys.stderr)
         return 1
 
 
