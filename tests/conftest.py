@@ -18,6 +18,7 @@ import redis
 
 from tests.support.embedding_server import EmbeddingServer, embedding_server, embedding_server_factory
 from tests.support.services import Service, start_chroma, start_redis
+from tests.support.worker import print_logs
 
 __all__ = ["embedding_server", "embedding_server_factory"]
 
@@ -102,3 +103,18 @@ def namespace() -> str:
 @pytest.fixture
 def data_dir() -> Path:
     return Path(os.environ["MEMSYNC_DATA_DIR"])
+
+
+@pytest.fixture
+def worker_logs(tmp_path: Path) -> Iterator[Path]:
+    """A directory for worker logs, printed after the test (pytest shows them when it failed)."""
+    yield tmp_path
+    print_logs(tmp_path)
+
+
+@pytest.fixture
+def empty_queues() -> None:
+    """No message left over from an earlier test (a dropped one comes back), so counts are exact."""
+    import actors  # not at the top: importing it reads the environment set in pytest_configure
+
+    actors.broker.flush_all()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,6 @@ from tests.support.embedding_server import EmbeddingServer
 from tests.support.worker import (
     READY_LINE,
     group_members,
-    print_logs,
     running_worker,
     signal_group,
     wait_until,
@@ -37,18 +35,7 @@ SHUTDOWN_TIMEOUT_S = 15
 BOOT_TIMEOUT_S = 30.0
 REDELIVERY_DEADLINE_S = 30.0
 
-
-@pytest.fixture(autouse=True)
-def empty_queues() -> None:
-    """No message left over from an earlier test (a dropped one comes back): the counts here are exact."""
-    actors.broker.flush_all()
-
-
-@pytest.fixture
-def worker_logs(tmp_path: Path) -> Iterator[Path]:
-    """A directory for the workers' logs, printed after the test (pytest shows them when it failed)."""
-    yield tmp_path
-    print_logs(tmp_path)
+pytestmark = pytest.mark.usefixtures("empty_queues")
 
 
 def sync(namespace: str, key: str, value: Any) -> Any:

@@ -24,7 +24,7 @@ from tests.reliability.conftest import Report
 from tests.reliability.invariants import Expectation, check_invariants
 from tests.support.embedding_server import EmbeddingServer
 from tests.support.services import Service, start_chroma
-from tests.support.worker import print_logs, running_worker, wait_until
+from tests.support.worker import running_worker, wait_until
 from vectorstore import IndexUnavailable, Memories, VectorIndex, chroma_client
 
 SYNCS: Final = 240
@@ -36,17 +36,7 @@ WORKER_ENV: Final = {"MEMSYNC_THREADS": "4", "MEMSYNC_MAX_RETRIES": "30", "MEMSY
 CONVERGE_TIMEOUT_S: Final = 60.0
 QUERY: Final = "memory about subject 3"
 
-
-@pytest.fixture(autouse=True)
-def empty_queues() -> None:
-    """No message left over from an earlier test."""
-    actors.broker.flush_all()
-
-
-@pytest.fixture
-def worker_logs(tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path
-    print_logs(tmp_path)
+pytestmark = pytest.mark.usefixtures("empty_queues")
 
 
 @dataclass

@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from tests.reliability.workload import (
     sync,
 )
 from tests.support.embedding_server import EmbeddingServer
-from tests.support.worker import READY_LINE, print_logs, running_worker, wait_until
+from tests.support.worker import READY_LINE, running_worker, wait_until
 from vectorstore import Memories
 from vectorstore.reconcile import find_drift
 
@@ -53,12 +52,6 @@ WORKER_ENV = {"MEMSYNC_PROCESSES": "1", "MEMSYNC_THREADS": "4", "MEMSYNC_HISTORY
 #: Long enough for embeddings to overlap with other messages' writes to the same key.
 EMBEDDING_LATENCY_MS = 20
 WORDS = ("tea", "coffee", "chess", "jazz", "rain", "cats")
-
-
-@pytest.fixture
-def worker_logs(tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path
-    print_logs(tmp_path)
 
 
 def random_op(rng: random.Random, key: str) -> Op:

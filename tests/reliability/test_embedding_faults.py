@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -25,7 +24,7 @@ from tests.conftest import API_KEY
 from tests.reliability.conftest import Report
 from tests.reliability.invariants import Expectation, check_invariants
 from tests.support.embedding_server import TIMEOUT, EmbeddingServer, RecordedRequest
-from tests.support.worker import print_logs, running_worker, wait_until
+from tests.support.worker import running_worker, wait_until
 
 FAULT_RATE: Final = 0.3
 RETRY_AFTER_S: Final = 1.0
@@ -41,18 +40,7 @@ TIMED_SYNCS: Final = 3
 LATE_S: Final = 3.0
 RESULT_TIMEOUT_S: Final = 90.0
 
-
-@pytest.fixture(autouse=True)
-def empty_queues() -> None:
-    """No message left over from an earlier test: the embedding requests counted here are all ours."""
-    actors.broker.flush_all()
-
-
-@pytest.fixture
-def worker_logs(tmp_path: Path) -> Iterator[Path]:
-    """A directory for the worker's log, printed after the test (pytest shows it when it failed)."""
-    yield tmp_path
-    print_logs(tmp_path)
+pytestmark = pytest.mark.usefixtures("empty_queues")
 
 
 def sync(namespace: str, key: str, value: str) -> dramatiq.Message[Any]:

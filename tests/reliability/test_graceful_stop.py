@@ -12,7 +12,6 @@ from __future__ import annotations
 import random
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from tests.reliability.workload import (
     settle,
 )
 from tests.support.embedding_server import EmbeddingServer
-from tests.support.worker import READY_LINE, group_members, print_logs, running_worker, signal_group
+from tests.support.worker import READY_LINE, group_members, running_worker, signal_group
 
 SEED = 2_000_003
 STOPS = 5
@@ -76,12 +75,6 @@ class Stop:
             f"{len(self.finished_while_stopping)} finished while stopping, {len(self.requeued)} requeued, "
             f"{len(self.left_behind)} left behind"
         )
-
-
-@pytest.fixture
-def worker_logs(tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path
-    print_logs(tmp_path)
 
 
 def booted(log: Path) -> bool:

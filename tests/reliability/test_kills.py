@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +39,7 @@ from tests.reliability.workload import (
     sync,
 )
 from tests.support.embedding_server import EmbeddingServer
-from tests.support.worker import print_logs, running_worker, signal_group, wait_until
+from tests.support.worker import running_worker, signal_group, wait_until
 
 SEED = 1_000_003
 KILLS = 15
@@ -140,12 +140,6 @@ class Kills:
     def mine(self) -> set[str]:
         """The ids of the messages this run has sent."""
         return {sent.message_id for sent in self.chains.sent}
-
-
-@pytest.fixture
-def worker_logs(tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path
-    print_logs(tmp_path)
 
 
 def kill_once(kills: Kills, server: EmbeddingServer, rng: random.Random, log: Path) -> Kill:

@@ -32,7 +32,7 @@ from tests.reliability.conftest import Report
 from tests.reliability.invariants import Expectation, check_invariants
 from tests.support.embedding_server import EmbeddingServer
 from tests.support.services import Service, start_redis
-from tests.support.worker import print_logs, running_worker, wait_until
+from tests.support.worker import running_worker, wait_until
 from vectorstore import Memories, VectorIndex, chroma_client
 
 #: Redis keeps an append-only file, fsynced every second (and on a SIGTERM shutdown).
@@ -45,12 +45,6 @@ EMBEDDING_LATENCY_MS: Final = 40
 #: 20 retries, backoff 50 ms doubling to 1 s: ~17 s of backoff for a sync that meets the outage.
 WORKER_ENV: Final = {"MEMSYNC_THREADS": "4", "MEMSYNC_MAX_RETRIES": "20", "MEMSYNC_MAX_BACKOFF_MS": "1000"}
 CONVERGE_TIMEOUT_S: Final = 60.0
-
-
-@pytest.fixture
-def worker_logs(tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path
-    print_logs(tmp_path)
 
 
 @dataclass
