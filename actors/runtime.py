@@ -9,6 +9,7 @@ from functools import cached_property
 
 import redis
 
+from actors.broker import retry_policy
 from actors.deadletter import DeadLetters
 from actors.retry import RetryPolicy
 from kvstore import Keys, MemoryStore
@@ -65,8 +66,7 @@ class Runtime:
 
     @property
     def policy(self) -> RetryPolicy:
-        s = self.settings
-        return RetryPolicy(s.max_retries, s.min_backoff_ms, s.max_backoff_ms)
+        return retry_policy(self.settings)
 
     @property
     def memories(self) -> Memories:
