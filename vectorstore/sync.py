@@ -66,7 +66,7 @@ class Memories:
         result = self.store.set(
             key, value, namespace=ns, embed=embed, content_hash=digest, ttl_ms=ttl_ms, meta=meta
         )
-        self._follow(result, meta.msg_id, vector)
+        self._follow(result, meta.msg_id, vector, looked=embed)
         return result
 
     def rollback(
@@ -80,7 +80,7 @@ class Memories:
         """Restore the previous (or a given retained) version as a new one, and re-index it."""
         meta = meta or WriteMeta()
         result = self.store.rollback(key, namespace=namespace, version=version, meta=meta)
-        self._follow(result, meta.msg_id, None)
+        self._follow(result, meta.msg_id, None, looked=False)
         return result
 
     def undo(self, key: str, msg_id: str, *, namespace: str | None = None) -> bool:
@@ -92,11 +92,18 @@ class Memories:
         return undone
 
     def refresh(
-        self, record: Record | None, namespace: str, key: str, vector: Sequence[float] | None = None
+        self,
+        record: Record | None,
+        namespace: str,
+        key: str,
+        vector: Sequence[float] | None = None,
+        *,
+        indexed: bool = False,
     ) -> str:
         """Make the index hold exactly what `record` needs; returns what it did.
 
-        `vector`, when given, is the embedding of exactly the record's text.
+        `vector`, when given, is the embedding of exactly the record's text; `indexed` says the
+        caller found the key's vector already made from that text, so only its version changes.
         """
         if record is None or record.deleted or not record.embed:
             self.index.delete(namespace, [key])
@@ -105,6 +112,9 @@ class Memories:
         if vector is not None:
             self.index.upsert(namespace, [entry], [vector])
             return "embedded"
+        if indexed:
+            self.index.relabel(namespace, [entry])
+            return "relabelled"
         stored = self.index.stored(namespace, [key]).get(key)
         if stored is not None and stored.content_hash == record.content_hash:
             if stored.version != record.version:
@@ -131,26 +141,29 @@ class Memories:
                 return None
         return self.embedder.embed([text])[0]
 
-    def _follow(self, result: WriteResult, msg_id: str, vector: Sequence[float] | None) -> None:
+    def _follow(
+        self, result: WriteResult, msg_id: str, vector: Sequence[float] | None, *, looked: bool
+    ) -> None:
         """Update the index for the key if this message still owns its current version.
 
-        Any embedding happens before the lock, so the lock is held for a Redis read and one or two
-        index calls only; that keeps its expiry short for a worker that dies holding it. If a newer
-        version without a vector owns the key, make sure the key has no vector left.
+        `looked`: the caller already looked in the index, and `vector` is None only because the
+        index holds this text's vector. Any embedding happens before the lock, so the lock is held
+        for a Redis read and one index call; that keeps its expiry short for a worker that dies
+        holding it. If a newer version without a vector owns the key, no vector is left behind.
         """
         record = result.current
         if record is None or record.msg_id != msg_id:
             return
         if not record.embed and not result.had_vector:
             return  # no vector before, none now
-        if record.embed and vector is None:
+        if record.embed and not looked:
             vector = self._vector(record.namespace, record.key, _text_of(record), record.content_hash, record)
         with self.store.key_lock(record.key, namespace=record.namespace, timeout_ms=LOCK_TIMEOUT_MS):
             head = self.store.record(record.key, namespace=record.namespace)
             if head is not None and head.msg_id == msg_id:
-                self.refresh(
-                    head, record.namespace, record.key, vector if head.version == record.version else None
-                )
+                same = head.version == record.version
+                indexed = same and record.embed and vector is None
+                self.refresh(head, record.namespace, record.key, vector if same else None, indexed=indexed)
             elif head is None or head.deleted or not head.embed:
                 # A newer version without a vector took over. Its writer skipped this step, as the
                 # version before it (this one) had none; an older vector may still be in the index.
