@@ -76,10 +76,6 @@ class Settings(BaseSettings):
         """`CHROMA_URL`, or the local stack's Chroma server."""
         return self.chroma_url or f"http://127.0.0.1:{self.local_chroma_port}"
 
-    def model_name(self) -> str:
-        """The embedding model in use: `EMBEDDING_MODEL`, or the local model's name."""
-        return self.embedding_model if self.uses_openai() else "all-MiniLM-L6-v2"
-
 
 def load_settings() -> Settings:
     """Read the settings; a bad value raises SettingsError naming its variable (never its value)."""

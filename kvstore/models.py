@@ -64,7 +64,3 @@ class WriteResult:
     current: Record | None
     #: Whether the key may have had a vector before this write (so the index step has work to do).
     had_vector: bool = True
-
-    @property
-    def applied(self) -> bool:
-        return self.outcome is Outcome.APPLIED

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from actors.runtime import make_embedder
 from settings import SettingsError, load_settings
 
 
@@ -33,7 +34,7 @@ def test_the_defaults_match_the_seed_worker() -> None:
 def test_without_an_api_key_the_local_model_is_used() -> None:
     settings = load_settings()
     assert not settings.uses_openai()
-    assert settings.model_name() == "all-MiniLM-L6-v2"
+    assert make_embedder(settings).model == "all-MiniLM-L6-v2"
     assert settings.effective_redis_url() == "redis://127.0.0.1:6479/0"
 
 
