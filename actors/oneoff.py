@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextlib import nullcontext
 from typing import Any, TextIO
 
@@ -14,28 +14,10 @@ from actors import state
 from actors.deadletter import scrub
 from actors.errors import INPUT_ERRORS, InvalidPayload
 from actors.local import local_stack
-from actors.payloads import RollbackPayload, SyncPayload, parse
-from actors.tasks import guarded, run_rollback, run_sync
+from actors.tasks import JOBS, perform
 from kvstore import WriteMeta
 
-__all__ = ["JOBS", "main"]
-
-Job = Callable[[dict[str, Any], WriteMeta], dict[str, Any]]
-
-
-def _sync(fields: dict[str, Any], meta: WriteMeta) -> dict[str, Any]:
-    runtime, payload = state.runtime(), parse(SyncPayload, (), fields)
-    return guarded(runtime, payload.key, payload.namespace, meta, 0, lambda: run_sync(runtime, payload, meta))
-
-
-def _rollback(fields: dict[str, Any], meta: WriteMeta) -> dict[str, Any]:
-    runtime, payload = state.runtime(), parse(RollbackPayload, (), fields)
-    return guarded(
-        runtime, payload.key, payload.namespace, meta, 0, lambda: run_rollback(runtime, payload, meta)
-    )
-
-
-JOBS: dict[str, Job] = {"MEMORY_SYNC": _sync, "MEMORY_ROLLBACK": _rollback}
+__all__ = ["main"]
 
 
 def main(environ: Mapping[str, str] = os.environ, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
@@ -57,7 +39,7 @@ def main(environ: Mapping[str, str] = os.environ, out: TextIO = sys.stdout, err:
     return 0
 
 
-def _read_job(environ: Mapping[str, str]) -> tuple[Job, dict[str, Any]]:
+def _read_job(environ: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
     name = environ.get("WORKER_JOB", "")
     if name not in JOBS:
         known = ", ".join(sorted(JOBS))
@@ -65,7 +47,7 @@ def _read_job(environ: Mapping[str, str]) -> tuple[Job, dict[str, Any]]:
     text = environ.get("WORKER_PAYLOAD")
     if text is None:
         raise InvalidPayload("WORKER_PAYLOAD is not set; it must be a JSON object")
-    return JOBS[name], _json_object(text)
+    return name, _json_object(text)
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -85,7 +67,7 @@ def _json_object(text: str) -> dict[str, Any]:
     return fields
 
 
-def _run(job: Job, fields: dict[str, Any]) -> dict[str, Any]:
+def _run(job: str, fields: dict[str, Any]) -> dict[str, Any]:
     """Run with the worker's retry policy, in-process; start the local stack when no URLs are set."""
     settings = state.settings()
     stack = local_stack(settings) if settings.is_local() else nullcontext()
@@ -94,7 +76,7 @@ def _run(job: Job, fields: dict[str, Any]) -> dict[str, Any]:
         retries = 0
         while True:
             try:
-                return job(fields, meta)
+                return perform(job, (), fields, meta, retries)
             except Exception as problem:
                 delay = state.runtime().policy.delay_ms(problem, retries)
                 if delay is None:

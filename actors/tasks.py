@@ -16,7 +16,7 @@ from actors.payloads import RollbackPayload, SyncPayload, parse
 from actors.runtime import Runtime
 from kvstore import WriteMeta, WriteResult
 
-__all__ = ["memory_rollback", "memory_sync", "run_rollback", "run_sync"]
+__all__ = ["JOBS", "memory_rollback", "memory_sync", "perform", "run_rollback", "run_sync"]
 
 logger = logging.getLogger("memsync.actors")
 
@@ -53,20 +53,35 @@ def _answer(status: str, key: str, result: WriteResult) -> dict[str, Any]:
     }
 
 
-def guarded(
-    runtime: Runtime,
-    key: str,
-    namespace: str | None,
+Runner = Callable[[Runtime, Any, WriteMeta], dict[str, Any]]
+
+#: Each job: its payload and what runs it. The actors and the one-off runs share this table.
+JOBS: dict[str, tuple[type[SyncPayload] | type[RollbackPayload], Runner]] = {
+    "MEMORY_SYNC": (SyncPayload, run_sync),
+    "MEMORY_ROLLBACK": (RollbackPayload, run_rollback),
+}
+
+
+def perform(
+    job: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
     meta: WriteMeta,
     retries: int,
-    job: Callable[[], dict[str, Any]],
+    runtime: Runtime | None = None,
 ) -> dict[str, Any]:
-    """Run `job`; when it fails for good, take back what it wrote so nothing stays half-applied."""
+    """Validate the payload and run the job; `retries` is how many attempts failed before this one.
+
+    When the job fails for good, what it wrote is taken back so nothing stays half-applied.
+    `runtime` defaults to this process's.
+    """
+    model, runner = JOBS[job]
+    payload, runtime = parse(model, args, kwargs), runtime or state.runtime()
     try:
-        return job()
+        return runner(runtime, payload, meta)
     except Exception as error:
         if runtime.policy.is_final(error, retries):
-            _undo(runtime, key, namespace, meta.msg_id)
+            _undo(runtime, payload.key, payload.namespace, meta.msg_id)
         _scrub_in_place(error, runtime.secrets)  # Dramatiq logs it and stores str(error) as the result
         raise
 
@@ -76,7 +91,9 @@ def _undo(runtime: Runtime, key: str, namespace: str | None, msg_id: str) -> Non
         if runtime.memories.undo(key, msg_id, namespace=namespace):
             logger.warning("undid the write of message %s to key %r: it failed for good", msg_id, key)
     except Exception as error:  # the original failure is the one to report
-        logger.error("could not undo message %s (%s); run `memsync reconcile`", msg_id, type(error).__name__)
+        logger.error(
+            "could not finish undoing message %s (%s); run `memsync reconcile`", msg_id, type(error).__name__
+        )
 
 
 def _scrub_in_place(error: BaseException, secrets: list[str]) -> None:
@@ -93,17 +110,10 @@ def _current_meta() -> tuple[WriteMeta, int]:
 @dramatiq.actor(actor_name="memory_sync", queue_name=state.settings().queue, throws=PERMANENT_ERRORS)
 def memory_sync(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """Keep `value` as the key's new version, and its embedding in step when `embed` is true."""
-    payload = parse(SyncPayload, args, kwargs)
-    runtime, (meta, retries) = state.runtime(), _current_meta()
-    return guarded(
-        runtime, payload.key, payload.namespace, meta, retries, lambda: run_sync(runtime, payload, meta)
-    )
+    return perform("MEMORY_SYNC", args, kwargs, *_current_meta())
 
 
 @dramatiq.actor(actor_name="memory_rollback", queue_name=state.settings().queue, throws=PERMANENT_ERRORS)
 def memory_rollback(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """Restore the key's previous version (or `version`) as a new version."""
-    payload = parse(RollbackPayload, args, kwargs)
-    runtime, (meta, retries) = state.runtime(), _current_meta()
-    job = lambda: run_rollback(runtime, payload, meta)  # noqa: E731
-    return guarded(runtime, payload.key, payload.namespace, meta, retries, job)
+    return perform("MEMORY_ROLLBACK", args, kwargs, *_current_meta())

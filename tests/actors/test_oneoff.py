@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import pytest
 
 from kvstore import MemoryStore
+from tests.support.embedding_server import EmbeddingServer
 
 
 def _run(job: str | None, payload: str | None, **extra: str) -> subprocess.CompletedProcess[str]:
@@ -80,3 +82,22 @@ def test_an_oversized_value_exits_non_zero_and_writes_nothing(namespace: str, st
     assert done.returncode == 2
     assert "limit is 1000" in done.stderr
     assert store.record("big", namespace=namespace) is None
+
+
+@pytest.mark.timeout(60)
+def test_a_one_off_run_that_runs_out_of_retries_leaves_nothing_half_applied(
+    namespace: str, store: MemoryStore, embedding_service: EmbeddingServer
+) -> None:
+    from actors.oneoff import main
+
+    store.set("k", "a cat", namespace=namespace, embed=True, content_hash="h1")
+    store.set("k", "a dog", namespace=namespace, embed=True, content_hash="h2")
+    embedding_service.fail_next(500, count=10)  # the rollback writes Redis, then cannot embed "a cat"
+    err = io.StringIO()
+    payload = json.dumps({"key": "k", "namespace": namespace})
+    assert main({"WORKER_JOB": "MEMORY_ROLLBACK", "WORKER_PAYLOAD": payload}, io.StringIO(), err) == 1
+    assert "answered 500" in err.getvalue()
+    record = store.record("k", namespace=namespace)
+    assert record is not None and (record.value, record.version) == ("a dog", 2)
+    # the first attempt, 3 retries, and the undo bringing the index back to "a dog" (refused too)
+    assert len(embedding_service.embedding_requests) == 5

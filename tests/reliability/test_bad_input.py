@@ -45,9 +45,9 @@ from actors import memory_rollback, memory_sync, oneoff, state
 from actors.broker import build_broker
 from actors.deadletter import DeadLetters
 from actors.errors import INPUT_ERRORS, is_permanent
-from actors.payloads import MAX_TTL_MS, RollbackPayload, SyncPayload, parse
+from actors.payloads import MAX_TTL_MS, RollbackPayload, SyncPayload
 from actors.runtime import Runtime
-from actors.tasks import guarded, run_rollback, run_sync
+from actors.tasks import JOBS, perform
 from kvstore import Keys, WriteMeta
 from kvstore.validate import MAX_DEPTH, MAX_KEY_LENGTH
 from tests.reliability.conftest import Report
@@ -426,7 +426,7 @@ def one_off_cases(limit: int) -> SearchStrategy[OneOffCase]:
             lambda n: OneOffCase(_sync_text("[" * n + "]" * n), "nested JSON", "value|nested too deeply")
         ),
         st.text()
-        .filter(lambda name: name not in oneoff.JOBS)
+        .filter(lambda name: name not in JOBS)
         .map(
             lambda name: OneOffCase(
                 {"WORKER_JOB": name, "WORKER_PAYLOAD": "{}"}, "unknown job", "is not a job"
@@ -442,12 +442,8 @@ def one_off_cases(limit: int) -> SearchStrategy[OneOffCase]:
 
 def run_call(runtime: Runtime, call: Call) -> dict[str, Any]:
     """What the call's actor does with its arguments, on `runtime`: parse them, then run the job."""
-    meta = WriteMeta()
-    if call.job == "sync":
-        sync = parse(SyncPayload, call.args, call.kwargs)
-        return guarded(runtime, sync.key, sync.namespace, meta, 0, lambda: run_sync(runtime, sync, meta))
-    back = parse(RollbackPayload, call.args, call.kwargs)
-    return guarded(runtime, back.key, back.namespace, meta, 0, lambda: run_rollback(runtime, back, meta))
+    job = "MEMORY_SYNC" if call.job == "sync" else "MEMORY_ROLLBACK"
+    return perform(job, call.args, call.kwargs, WriteMeta(), 0, runtime)
 
 
 def refusal(runtime: Runtime, call: Call) -> Exception:
