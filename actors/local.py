@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,10 +122,10 @@ def _start_lock(data_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _wait_for(name: str, ready: object) -> None:
+def _wait_for(name: str, ready: Callable[[], bool]) -> None:
     deadline = time.monotonic() + _START_TIMEOUT_S
     while time.monotonic() < deadline:
-        if callable(ready) and ready():
+        if ready():
             return
         time.sleep(0.1)
     raise LocalStackError(f"{name} did not start within {_START_TIMEOUT_S:.0f} s; see MEMSYNC_DATA_DIR/logs")
