@@ -7,14 +7,15 @@ from kvstore.errors import (
     InvalidValue,
     KeyNotFound,
     KVStoreError,
+    LockLost,
     NothingToRollBack,
     StoreUnavailable,
     ValueTooLarge,
     VersionNotFound,
 )
 from kvstore.keys import Keys
-from kvstore.models import Outcome, Record, WriteResult
-from kvstore.store import MemoryStore, WriteMeta
+from kvstore.models import KeyRef, Outcome, Record, Write, WriteMeta, WriteResult
+from kvstore.store import MemoryStore
 from kvstore.validate import DEFAULT_NAMESPACE, canonical_json, check_key, check_namespace, content_hash
 
 __all__ = [
@@ -23,7 +24,9 @@ __all__ = [
     "InvalidValue",
     "KVStoreError",
     "KeyNotFound",
+    "KeyRef",
     "Keys",
+    "LockLost",
     "MemoryStore",
     "NothingToRollBack",
     "Outcome",
@@ -31,6 +34,7 @@ __all__ = [
     "StoreUnavailable",
     "ValueTooLarge",
     "VersionNotFound",
+    "Write",
     "WriteMeta",
     "WriteResult",
     "canonical_json",

@@ -7,6 +7,7 @@ __all__ = [
     "InvalidValue",
     "KVStoreError",
     "KeyNotFound",
+    "LockLost",
     "NothingToRollBack",
     "StoreUnavailable",
     "ValueTooLarge",
@@ -44,3 +45,7 @@ class NothingToRollBack(KVStoreError):
 
 class StoreUnavailable(KVStoreError):
     """Raised when Redis cannot be reached or answers with a server-side failure; worth retrying."""
+
+
+class LockLost(StoreUnavailable):
+    """Raised when a key's index lock expired while its holder still worked; the step is redone on retry."""

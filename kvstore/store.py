@@ -3,31 +3,21 @@
 from __future__ import annotations
 
 import json
-import time
-import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from importlib import resources
 from typing import Any
 
 import redis
 
-from kvstore.errors import KeyNotFound, NothingToRollBack, StoreUnavailable, VersionNotFound
+from kvstore.errors import KeyNotFound, KVStoreError, NothingToRollBack, StoreUnavailable, VersionNotFound
 from kvstore.keys import Keys
-from kvstore.models import Outcome, Record, WriteResult
+from kvstore.models import KeyRef, Outcome, Record, Write, WriteMeta, WriteResult, now_ms
+from kvstore.scripts import Script, run_pipelined
 from kvstore.validate import canonical_json, check_key, check_namespace
 
 __all__ = ["MemoryStore", "WriteMeta"]
 
 Clock = Callable[[], int]
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def _script(name: str) -> str:
-    return resources.files("kvstore").joinpath(name).read_text(encoding="utf-8")
 
 
 @contextmanager
@@ -39,20 +29,6 @@ def _translated() -> Iterator[None]:
         raise StoreUnavailable(f"Redis is unreachable: {type(err).__name__}") from err
     except redis.ResponseError as err:
         raise StoreUnavailable(f"Redis refused a command: {str(err)[:200]}") from err
-
-
-class WriteMeta:
-    """Who is writing: a message id and its send time, which de-duplicate and order writes.
-
-    Without a message (a direct call), a write is unordered: it always applies, as the newest.
-    """
-
-    __slots__ = ("msg_id", "msg_ts", "ordered")
-
-    def __init__(self, msg_id: str | None = None, msg_ts: int | None = None) -> None:
-        self.ordered = msg_id is not None and msg_ts is not None
-        self.msg_id = msg_id or uuid.uuid4().hex
-        self.msg_ts = _now_ms() if msg_ts is None else msg_ts
 
 
 class MemoryStore:
@@ -69,15 +45,16 @@ class MemoryStore:
         prefix: str = "memsync",
         history_length: int = 10,
         max_value_bytes: int = 1_048_576,
-        clock: Clock = _now_ms,
+        clock: Clock = now_ms,
     ) -> None:
         self.client = client
         self.keys_of = Keys(prefix)
         self.history_length = history_length
         self.max_value_bytes = max_value_bytes
         self._clock = clock
-        self._write = client.register_script(_script("write.lua"))
-        self._revert = client.register_script(_script("revert.lua"))
+        self._write = Script("write.lua")
+        self._revert = Script("revert.lua")
+        self._release = Script("release.lua")
 
     # The seed's interface: get, set, delete, has, keys.
 
@@ -99,12 +76,13 @@ class MemoryStore:
     ) -> WriteResult:
         """Write a new version of `key` holding `value` (any JSON)."""
         value_json = canonical_json(value, self.max_value_bytes)
-        flags = ("1" if embed else "0", content_hash)
-        return self._run("set", key, namespace, value_json, flags, ttl_ms, meta)
+        ref, meta = _ref(namespace, key), meta or WriteMeta()
+        write = Write(ref, "set", meta, value_json, embed=embed, content_hash=content_hash, ttl_ms=ttl_ms)
+        return self._one(write)
 
     def delete(self, key: str, *, namespace: str | None = None, meta: WriteMeta | None = None) -> WriteResult:
         """Record a deletion as a new version (a rollback restores the value)."""
-        return self._run("delete", key, namespace, "", ("0", ""), None, meta)
+        return self._one(Write(_ref(namespace, key), "delete", meta or WriteMeta()))
 
     def has(self, key: str, *, namespace: str | None = None) -> bool:
         record = self.record(key, namespace=namespace)
@@ -164,7 +142,7 @@ class MemoryStore:
         Rolling back a key that has a single version deletes it.
         """
         target = "" if version is None else str(version)
-        return self._run("rollback", key, namespace, target, ("0", ""), None, meta)
+        return self._one(Write(_ref(namespace, key), "rollback", meta or WriteMeta(), target))
 
     @contextmanager
     def key_lock(self, key: str, *, namespace: str | None = None, timeout_ms: int = 30_000) -> Iterator[None]:
@@ -185,43 +163,81 @@ class MemoryStore:
         ns, key = check_namespace(namespace), check_key(key)
         keys = [self.keys_of.head(ns, key), self.keys_of.history(ns, key), self.keys_of.key_index(ns)]
         with _translated():
-            return bool(self._revert(keys=keys, args=[key, msg_id]))
+            return bool(run_pipelined(self.client, [(self._revert, keys, [key, msg_id])])[0])
 
-    def _run(
-        self,
-        mode: str,
-        key: str,
-        namespace: str | None,
-        payload: str,
-        flags: tuple[str, str],
-        ttl_ms: int | None,
-        meta: WriteMeta | None,
-    ) -> WriteResult:
-        ns, key, meta = check_namespace(namespace), check_key(key), meta or WriteMeta()
-        keys = [
-            self.keys_of.head(ns, key),
-            self.keys_of.history(ns, key),
-            self.keys_of.key_index(ns),
-            self.keys_of.namespaces(),
-        ]
-        args: list[str | int] = [key, ns, mode, payload, *flags, meta.msg_id, meta.msg_ts, self._clock()]
-        args += [self.history_length, ttl_ms or 0, "1" if meta.ordered else "0"]
+    def write_many(
+        self, writes: Sequence[Write], *, lock_ttl_ms: int = 8_000
+    ) -> list[WriteResult | KVStoreError]:
+        """Run each write atomically, all in one round trip; a write's own failure is its item's result.
+
+        A rollback of a missing key, or of a version no longer retained, fails alone. Redis being
+        unreachable raises StoreUnavailable for the whole batch.
+        """
+        calls = [(self._write, self._write_keys(w.ref), self._write_args(w, lock_ttl_ms)) for w in writes]
         with _translated():
-            reply = self._write(keys=keys, args=args)
-        return _result(ns, key, version_asked=payload if mode == "rollback" else "", reply=reply)
+            replies = run_pipelined(self.client, calls)
+        return [_result(w, reply) for w, reply in zip(writes, replies, strict=True)]
+
+    def records_of(self, refs: Sequence[KeyRef]) -> list[Record | None]:
+        """The current records of keys in any namespaces, in order, in one round trip."""
+        with _translated():
+            pipe = self.client.pipeline(transaction=False)
+            for ref in refs:
+                pipe.hgetall(self.keys_of.head(*ref))
+            answers = pipe.execute()
+        return [
+            Record.from_fields(*ref, _decoded(f)) if f else None for ref, f in zip(refs, answers, strict=True)
+        ]
+
+    def take_locks(self, refs: Sequence[KeyRef], token: str, ttl_ms: int) -> list[bool]:
+        """Try once to take the index lock of each key with `token`; which ones were taken."""
+        with _translated():
+            pipe = self.client.pipeline(transaction=False)
+            for ref in refs:
+                pipe.set(self.keys_of.lock(*ref), token, nx=True, px=ttl_ms)
+            return [bool(taken) for taken in pipe.execute()]
+
+    def release_locks(self, refs: Sequence[KeyRef], token: str) -> list[bool]:
+        """Let go of index locks held with `token`; False where the lock had expired meanwhile."""
+        calls = [(self._release, [self.keys_of.lock(*ref)], [token]) for ref in refs]
+        with _translated():
+            return [reply == 1 for reply in run_pipelined(self.client, calls)]
+
+    def _one(self, write: Write) -> WriteResult:
+        result = self.write_many([write])[0]
+        if isinstance(result, KVStoreError):
+            raise result
+        return result
+
+    def _write_keys(self, ref: KeyRef) -> list[str]:
+        ns, key = ref
+        k = self.keys_of
+        return [k.head(ns, key), k.history(ns, key), k.key_index(ns), k.namespaces(), k.lock(ns, key)]
+
+    def _write_args(self, w: Write, lock_ttl_ms: int) -> list[str | int]:
+        meta = w.meta
+        return [
+            w.ref.key, w.ref.namespace, w.mode, w.payload, "1" if w.embed else "0", w.content_hash,
+            meta.msg_id, meta.msg_ts, self._clock(), self.history_length, w.ttl_ms or 0,
+            "1" if meta.ordered else "0", w.lock_token, lock_ttl_ms, "1" if w.skip_unchanged else "0",
+        ]  # fmt: skip
 
 
-def _result(ns: str, key: str, *, version_asked: str, reply: list[bytes]) -> WriteResult:
-    outcome, had_vector = _text(reply[0]), _text(reply[1]) == "1"
+def _ref(namespace: str | None, key: str) -> KeyRef:
+    return KeyRef(check_namespace(namespace), check_key(key))
+
+
+def _result(write: Write, reply: Any) -> WriteResult | KVStoreError:
+    (ns, key), outcome, lock = write.ref, _text(reply[0]), _text(reply[1])
     fields = _decoded(dict(zip(reply[2::2], reply[3::2], strict=True)))
     if outcome == "missing":
-        raise KeyNotFound(f"key {key!r} in namespace {ns!r} has never been written")
+        return KeyNotFound(f"key {key!r} in namespace {ns!r} has never been written")
     if outcome == "no_version":
-        raise VersionNotFound(f"version {version_asked} of key {key!r} is not retained in its history")
+        return VersionNotFound(f"version {write.payload} of key {key!r} is not retained in its history")
     if outcome == "nothing":
-        raise NothingToRollBack(f"key {key!r} is deleted and has no earlier version to restore")
+        return NothingToRollBack(f"key {key!r} is deleted and has no earlier version to restore")
     current = Record.from_fields(ns, key, fields) if fields else None
-    return WriteResult(Outcome(outcome), current, had_vector)
+    return WriteResult(Outcome(outcome), current, lock)  # type: ignore[arg-type]
 
 
 def _decoded(fields: Mapping[Any, Any]) -> dict[str, str]:

@@ -4,6 +4,7 @@
 -- KEYS[2]  history list   {prefix}:hist:{namespace}:{key}, newest first
 -- KEYS[3]  key index zset {prefix}:keys:{namespace}
 -- KEYS[4]  namespaces set {prefix}:namespaces
+-- KEYS[5]  index lock     {prefix}:lock:{namespace}:{key}
 -- ARGV[1]  key
 -- ARGV[2]  namespace
 -- ARGV[3]  mode: "set", "delete" or "rollback"
@@ -16,18 +17,25 @@
 -- ARGV[10] how many earlier versions to keep
 -- ARGV[11] time to live in ms, "0" for none
 -- ARGV[12] "1" when the message's send time orders it; "0" for a direct call, which always applies
+-- ARGV[13] index lock token, "" to take no lock
+-- ARGV[14] index lock time to live in ms
+-- ARGV[15] set: "1" to change nothing when the current value, embed flag and hash are the same
 --
--- Returns {outcome, had_vector, field, value, field, value, ...}: the outcome ("applied", "duplicate",
--- "stale", or for a rollback "missing", "nothing", "no_version"); "1" when the version before this
--- write was embedded (always "1" for a duplicate, whose index step may not have run); and the head's
--- fields after the call.
+-- Returns {outcome, lock, field, value, field, value, ...}: the outcome ("applied", "duplicate",
+-- "stale", "unchanged", or for a rollback "missing", "nothing", "no_version"); the index lock ("held"
+-- when this call took it, "busy" when the index has work for the key but another holder has the lock,
+-- "" when the index has nothing to do or no token was given); and the head's fields after the call.
+-- The index has work for an applied write whose new version is embedded or whose previous one was;
+-- for a duplicate (its index step may not have run); and for an unchanged embedded value (the step of
+-- the write that made it may not have run).
 -- A message whose id wrote the current version, or that was sent before the message that did
 -- (ties broken by id), changes nothing.
 
-local head_key, hist_key, index_key, ns_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local head_key, hist_key, index_key, ns_key, lock_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local key, namespace, mode = ARGV[1], ARGV[2], ARGV[3]
 local msg_id, msg_ts, now = ARGV[7], tonumber(ARGV[8]), ARGV[9]
 local keep, ttl, ordered = tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[12] == "1"
+local token, lock_ttl, skip_same = ARGV[13], ARGV[14], ARGV[15] == "1"
 
 local function as_map(flat)
     local map = {}
@@ -36,10 +44,19 @@ local function as_map(flat)
 end
 
 local head = as_map(redis.call("HGETALL", head_key))
-local had_vector = (head.embed == "1" and head.value ~= nil) and "1" or "0"
+local had_vector = head.embed == "1" and head.value ~= nil
+
+local function lock_for(outcome)
+    if token == "" or outcome == "stale" then return "" end
+    local embedded = redis.call("HGET", head_key, "embed") == "1"
+    if outcome == "applied" and not (embedded or had_vector) then return "" end
+    if outcome == "unchanged" and not embedded then return "" end
+    if redis.call("SET", lock_key, token, "NX", "PX", lock_ttl) then return "held" end
+    return "busy"
+end
 
 local function answer(outcome)
-    local out = {outcome, outcome == "duplicate" and "1" or had_vector}
+    local out = {outcome, lock_for(outcome)}
     for _, item in ipairs(redis.call("HGETALL", head_key)) do table.insert(out, item) end
     return out
 end
@@ -58,6 +75,8 @@ end
 local new = nil
 if mode == "set" then
     new = {value = ARGV[4], embed = ARGV[5], hash = ARGV[6]}
+    local same = head.value == new.value and head.embed == new.embed and (head.hash or "") == new.hash
+    if skip_same and same then return answer("unchanged") end
 elseif mode == "delete" then
     new = {embed = "0", hash = ""}
 else

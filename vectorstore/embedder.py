@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import email.utils
+import json
 import math
 import re
 import time
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
+import numpy as np
 import openai
 
 from vectorstore.errors import EmbeddingRejected, EmbeddingUnavailable
+from vectorstore.index import Vectors
 
-__all__ = ["MAX_INPUTS_PER_REQUEST", "Embedder", "OpenAIEmbedder", "redact", "retry_after_ms"]
+__all__ = [
+    "MAX_INPUTS_PER_REQUEST",
+    "MAX_TOKENS_PER_REQUEST",
+    "Embedder",
+    "OpenAIEmbedder",
+    "redact",
+    "request_groups",
+    "retry_after_ms",
+]
 
 #: The most inputs an OpenAI embeddings request may carry.
 MAX_INPUTS_PER_REQUEST = 2048
+#: The most tokens a request may carry. A token is at least one byte of UTF-8, so bounding a
+#: request's bytes by this bounds its tokens, with no tokenizer to download.
+MAX_TOKENS_PER_REQUEST = 300_000
 
 
 class Embedder(Protocol):
@@ -30,14 +46,18 @@ class Embedder(Protocol):
         """The vector length when known before the first call."""
         ...
 
-    def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        """One float32 row per text, in order."""
+        ...
 
 
 class OpenAIEmbedder:
     """Embeddings from any OpenAI-compatible server through the openai SDK.
 
     The SDK's own retries are off: retries live in one place, the worker's retry policy, which
-    reads `EmbeddingUnavailable.retry_after_ms`.
+    reads `EmbeddingUnavailable.retry_after_ms`. Vectors are asked for as base64 and decoded
+    straight into float32 arrays: turning 1,536 floats of JSON into Python floats cost about
+    6.6 ms of CPU per vector.
     """
 
     def __init__(
@@ -68,33 +88,64 @@ class OpenAIEmbedder:
         """Close the SDK's HTTP connections."""
         self._client.close()
 
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        vectors: list[list[float]] = []
-        for start in range(0, len(texts), MAX_INPUTS_PER_REQUEST):
-            vectors.extend(self._request(list(texts[start : start + MAX_INPUTS_PER_REQUEST])))
-        return vectors
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        parts = [self._request(group) for group in request_groups(texts)]
+        return np.concatenate(parts) if parts else np.zeros((0, self._dimensions or 0), np.float32)
 
-    def _request(self, texts: list[str]) -> list[list[float]]:
+    def _request(self, texts: list[str]) -> Vectors:
         dimensions: int | openai.Omit = self._dimensions if self._dimensions else openai.omit
         try:
-            answer = self._client.embeddings.create(
-                model=self._model, input=texts, encoding_format="float", dimensions=dimensions
+            raw = self._client.embeddings.with_raw_response.create(
+                model=self._model, input=texts, encoding_format="base64", dimensions=dimensions
             )
         # `from None`: the SDK's error holds the server's unredacted body; a logged traceback would show it.
         except openai.APIStatusError as err:
             raise _translate_status(err, self._secret) from None
         except (openai.APITimeoutError, openai.APIConnectionError) as err:
             raise EmbeddingUnavailable(f"embedding server unreachable: {type(err).__name__}") from None
-        if not isinstance(getattr(answer, "data", None), list):
-            raise EmbeddingUnavailable(
-                "embedding server answered 200 with something that is not an embedding list"
-            )
-        ordered = sorted(answer.data, key=lambda item: item.index)
-        if len(ordered) != len(texts):
-            raise EmbeddingUnavailable(
-                f"embedding server returned {len(ordered)} vectors for {len(texts)} texts"
-            )
-        return [list(item.embedding) for item in ordered]
+        return _vectors(raw.http_response.content, len(texts))
+
+
+def request_groups(texts: Sequence[str]) -> list[list[str]]:
+    """Split texts, in order, into requests within the input and token limits of one request."""
+    groups: list[list[str]] = []
+    size = 0
+    for text in texts:
+        length = len(text.encode("utf-8"))
+        if not groups or len(groups[-1]) >= MAX_INPUTS_PER_REQUEST or size + length > MAX_TOKENS_PER_REQUEST:
+            groups.append([])
+            size = 0
+        groups[-1].append(text)
+        size += length
+    return groups
+
+
+def _vectors(body: bytes, expected: int) -> Vectors:
+    """The rows of an embeddings answer, in input order; anything malformed is a transient failure."""
+    try:
+        data = _answer_data(body)
+        ordered = sorted(data, key=lambda item: int(item["index"]))
+        rows = [_row(item["embedding"]) for item in ordered]
+        if len(rows) != expected:
+            raise EmbeddingUnavailable(f"embedding server returned {len(rows)} vectors for {expected} texts")
+        return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
+    except (AttributeError, KeyError, TypeError, ValueError, binascii.Error) as err:
+        raise EmbeddingUnavailable(
+            f"embedding server answered 200 with no usable embedding list ({type(err).__name__})"
+        ) from None
+
+
+def _answer_data(body: bytes) -> list[Any]:
+    data = json.loads(body).get("data")
+    if not isinstance(data, list):
+        raise TypeError("no data list")
+    return data
+
+
+def _row(embedding: Any) -> Vectors:
+    if isinstance(embedding, str):  # base64 of little-endian float32
+        return np.frombuffer(base64.b64decode(embedding, validate=True), dtype="<f4").astype(np.float32)
+    return np.asarray(embedding, dtype=np.float32)  # a server that ignored encoding_format
 
 
 def _translate_status(err: openai.APIStatusError, secret: str) -> Exception:
@@ -102,7 +153,7 @@ def _translate_status(err: openai.APIStatusError, secret: str) -> Exception:
     reason = redact(f"embedding server answered {status}: {_short_message(err)}", secret)
     if status == 429 or status >= 500 or status == 408:
         return EmbeddingUnavailable(reason, retry_after_ms=retry_after_ms(err.response.headers))
-    return EmbeddingRejected(reason)
+    return EmbeddingRejected(reason, status=status)
 
 
 def _short_message(err: openai.APIStatusError) -> str:

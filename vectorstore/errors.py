@@ -26,6 +26,15 @@ class EmbeddingUnavailable(VectorStoreError):
 class EmbeddingRejected(VectorStoreError):
     """Raised when the embedding server refuses the request for good (400, 401, 403, 404, 422)."""
 
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def about_the_input(self) -> bool:
+        """Whether the refusal is about what was sent (400, 422), not the key or the model."""
+        return self.status in (400, 413, 422)
+
 
 class LocalModelMissing(VectorStoreError):
     """Raised when the offline model is asked for but its packages are not installed."""

@@ -1,8 +1,10 @@
-"""VectorIndex: the Chroma side of memsync, one collection per (model, dimensions, namespace).
+"""VectorIndex: the Chroma side of memsync, a fixed set of shard collections per (model, dimensions).
 
-A collection per namespace keeps namespace-scoped search off Chroma's metadata-filter path, which
-measured about 17 times slower than a plain query at 100,000 vectors. The vectors of a key are a
-notion of their own (`vector_ids`): today one vector, chunk 0; long texts may get several.
+A namespace is hashed to one of `shards` collections and stored as a metadata field that every
+scoped query filters on. A collection per namespace cost about 2.6 MB of Chroma's memory per
+namespace (1,000 namespaces of 10 memories: 2.7 GB), and one shared collection makes a filtered
+query pay for every vector in it; shards bound both (see BENCHMARKS.md for the measurements).
+The vectors of a key are a notion of their own (`vector_ids`): today one vector, chunk 0.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import itertools
 import re
 import threading
 import urllib.request
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -21,15 +24,31 @@ from urllib.parse import urlsplit
 
 import chromadb
 import httpx
+import numpy as np
+import numpy.typing as npt
 from chromadb.api import ClientAPI
 from chromadb.api.models.Collection import Collection
 from chromadb.errors import ChromaError, NotFoundError
 
+from kvstore import KeyRef
 from vectorstore.errors import IndexUnavailable
 
-__all__ = ["IndexEntry", "VectorIndex", "chroma_answers", "chroma_client", "collection_name", "vector_ids"]
+__all__ = [
+    "DEFAULT_SHARDS",
+    "IndexEntry",
+    "VectorIndex",
+    "Vectors",
+    "chroma_answers",
+    "chroma_client",
+    "collection_name",
+    "vector_ids",
+]
 
 T = TypeVar("T")
+#: Vectors as one float32 row each, as they come from the embedders and go to Chroma.
+Vectors = npt.NDArray[np.float32]
+#: Shard collections per (model, dimensions) unless told otherwise.
+DEFAULT_SHARDS = 32
 _SAFE_NAMESPACE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PAGE = 1000
 
@@ -38,22 +57,36 @@ _PAGE = 1000
 class IndexEntry:
     """What the index holds for one key: the version and content hash its vector was made from."""
 
+    namespace: str
     key: str
     version: int
     content_hash: str
     distance: float = 0.0
 
+    @property
+    def ref(self) -> KeyRef:
+        return KeyRef(self.namespace, self.key)
 
-def vector_ids(key: str, chunks: int = 1) -> list[str]:
-    """The ids of a key's vectors."""
-    return [f"{key}#{chunk}" for chunk in range(chunks)]
+
+def vector_ids(ref: KeyRef, chunks: int = 1) -> list[str]:
+    """The ids of a key's vectors; namespaces hold no ':', so an id names one key only."""
+    return [f"{ref.namespace}:{ref.key}#{chunk}" for chunk in range(chunks)]
 
 
 def collection_name(prefix: str, model: str, dimensions: int | None, namespace: str) -> str:
-    """A Chroma collection name unique to the model, its dimensions and the namespace."""
-    model_part = re.sub(r"[^A-Za-z0-9_-]+", "-", model).strip("-_")[:80] or "model"
+    """The name of a namespace's own collection in the layout before shards (see `vectorstore.migrate`)."""
     ns_part = namespace if _SAFE_NAMESPACE.fullmatch(namespace) else _digest(namespace)
-    return f"{prefix}.{model_part}.{dimensions or 'native'}.{ns_part}"
+    return f"{_stem(prefix, model, dimensions)}{ns_part}"
+
+
+def shard_name(prefix: str, model: str, dimensions: int | None, shard: int, shards: int) -> str:
+    """The name of one shard collection; the shard count is part of it, so layouts never mix."""
+    return f"{_stem(prefix, model, dimensions)}shard{shard:04d}-of-{shards:04d}"
+
+
+def _stem(prefix: str, model: str, dimensions: int | None) -> str:
+    model_part = re.sub(r"[^A-Za-z0-9_-]+", "-", model).strip("-_")[:80] or "model"
+    return f"{prefix}.{model_part}.{dimensions or 'native'}."
 
 
 def chroma_client(url: str | None, path: str | None = None) -> ClientAPI:
@@ -83,133 +116,203 @@ def chroma_answers(url: str) -> bool:
 
 
 class VectorIndex:
-    """Upserts, deletes and queries the vectors of keys, each with metadata key, namespace, version, hash."""
+    """Upserts, deletes and queries the vectors of keys, each with metadata key, namespace, version, hash.
+
+    Every call that takes several keys makes one Chroma request per shard they fall in.
+    """
 
     def __init__(
-        self, client: ClientAPI, *, model: str, dimensions: int | None, prefix: str = "memsync"
+        self,
+        client: ClientAPI,
+        *,
+        model: str,
+        dimensions: int | None,
+        prefix: str = "memsync",
+        shards: int = DEFAULT_SHARDS,
     ) -> None:
         self.client = client
         self.model = model
         self.dimensions = dimensions
         self.prefix = prefix
-        self._collections: dict[str, Collection] = {}
+        self.shards = shards
+        self._collections: dict[int, Collection] = {}
         self._lock = threading.Lock()
 
-    def stored(self, namespace: str, keys: Sequence[str]) -> dict[str, IndexEntry]:
-        """The index entries of `keys` that have a vector, by key."""
-        ids = [vector_ids(key)[0] for key in keys]
-        answer = self._call(namespace, lambda c: c.get(ids=ids, include=["metadatas"]))
-        return {entry.key: entry for entry in map(_entry, answer["metadatas"] or [])}
+    def shard_of(self, namespace: str) -> int:
+        digest = hashlib.sha256(namespace.encode("utf-8")).digest()
+        return int.from_bytes(digest[:8], "big") % self.shards
+
+    def stored(self, refs: Sequence[KeyRef]) -> dict[KeyRef, IndexEntry]:
+        """The index entries of the keys that have a vector."""
+        found: dict[KeyRef, IndexEntry] = {}
+        for shard, group in self._by_shard(refs).items():
+            ids = [vector_ids(ref)[0] for ref in group]
+            answer = self._call(shard, functools.partial(_get, ids=ids))
+            found.update((e.ref, e) for e in map(_entry, answer["metadatas"] or []))
+        return found
 
     def upsert(
-        self, namespace: str, entries: Sequence[IndexEntry], vectors: Sequence[Sequence[float]]
+        self, entries: Sequence[IndexEntry], vectors: Vectors | Sequence[Vectors] | Sequence[Sequence[float]]
     ) -> None:
-        """Store one vector per entry, replacing what the keys had."""
-        if not entries:
-            return
-        ids = [vector_ids(entry.key)[0] for entry in entries]
-        metadatas: list[Any] = [_metadata(namespace, entry) for entry in entries]
-        embeddings: list[Any] = [list(vector) for vector in vectors]
-        self._call(namespace, lambda c: c.upsert(ids=ids, embeddings=embeddings, metadatas=metadatas))
+        """Store one vector per entry (row `i` of `vectors` for entry `i`), replacing what the keys had."""
+        rows = np.asarray(vectors, dtype=np.float32)
+        for shard, positions in self._positions_by_shard([e.ref for e in entries]).items():
+            ids = [vector_ids(entries[i].ref)[0] for i in positions]
+            metadatas: list[Any] = [_metadata(entries[i]) for i in positions]
+            batch: Any = rows[positions]
+            self._call(shard, functools.partial(_upsert, ids=ids, embeddings=batch, metadatas=metadatas))
 
-    def relabel(self, namespace: str, entries: Sequence[IndexEntry]) -> None:
+    def relabel(self, entries: Sequence[IndexEntry]) -> None:
         """Update the version of vectors whose text did not change, without embedding again."""
-        if not entries:
-            return
-        ids = [vector_ids(entry.key)[0] for entry in entries]
-        metadatas: list[Any] = [_metadata(namespace, entry) for entry in entries]
-        self._call(namespace, lambda c: c.update(ids=ids, metadatas=metadatas))
+        for shard, positions in self._positions_by_shard([e.ref for e in entries]).items():
+            ids = [vector_ids(entries[i].ref)[0] for i in positions]
+            metadatas: list[Any] = [_metadata(entries[i]) for i in positions]
+            self._call(shard, functools.partial(_update, ids=ids, metadatas=metadatas))
 
-    def delete(self, namespace: str, keys: Sequence[str]) -> None:
-        """Remove every vector of `keys`; keys with none are ignored."""
-        if keys:
-            ids = [vid for key in keys for vid in vector_ids(key)]
-            self._call(namespace, lambda c: c.delete(ids=ids))
+    def delete(self, refs: Sequence[KeyRef]) -> None:
+        """Remove every vector of the keys; keys with none are ignored."""
+        for shard, group in self._by_shard(refs).items():
+            ids = [vid for ref in group for vid in vector_ids(ref)]
+            self._call(shard, functools.partial(_delete, ids=ids))
 
     def query(
-        self, namespace: str, vector: Sequence[float], n: int, where: dict[str, Any] | None = None
+        self, namespace: str, vector: Sequence[float] | Vectors, n: int, where: dict[str, Any] | None = None
     ) -> list[IndexEntry]:
-        """The `n` entries nearest to `vector`, nearest first; distance is cosine distance."""
-        embedding: Any = [list(vector)]
+        """The `n` entries of a namespace nearest to `vector`, nearest first; distance is cosine distance."""
+        embedding: Any = np.asarray([vector], dtype=np.float32)
+        scoped: Any = {"namespace": namespace} if not where else {"$and": [{"namespace": namespace}, where]}
 
         def run(c: Collection) -> Any:
             return c.query(
-                query_embeddings=embedding, n_results=n, where=where, include=["metadatas", "distances"]
+                query_embeddings=embedding, n_results=n, where=scoped, include=["metadatas", "distances"]
             )
 
-        answer = self._call(namespace, run)
+        answer = self._call(self.shard_of(namespace), run)
         metadatas, distances = answer["metadatas"][0], answer["distances"][0]
         return [_entry(meta, distance) for meta, distance in zip(metadatas, distances, strict=True)]
 
     def count(self, namespace: str) -> int:
-        return int(self._call(namespace, lambda c: c.count()))
+        return sum(1 for _ in self.entries(namespace))
 
     def entries(self, namespace: str) -> Iterator[IndexEntry]:
         """Every entry of a namespace, page by page."""
+        return self._pages(self.shard_of(namespace), {"namespace": namespace})
+
+    def all_entries(self) -> Iterator[IndexEntry]:
+        """Every entry of every namespace, shard by shard (for reconcile and reindex)."""
+        for shard in self._existing_shards():
+            yield from self._pages(shard, None)
+
+    def namespaces(self) -> list[str]:
+        """The namespaces that have at least one vector."""
+        return sorted({entry.namespace for entry in self.all_entries()})
+
+    def drop(self, namespace: str) -> None:
+        """Delete every vector of a namespace (used to rebuild the index from Redis)."""
+        self._call(self.shard_of(namespace), lambda c: c.delete(where={"namespace": namespace}))
+
+    def drop_all(self) -> None:
+        """Delete every shard collection of this model, dimensions and shard count."""
+        for shard in range(self.shards):
+            with _translated(), self._lock, suppress(NotFoundError, ValueError):
+                self._collections.pop(shard, None)
+                self.client.delete_collection(self._name(shard))
+
+    def _pages(self, shard: int, where: dict[str, Any] | None) -> Iterator[IndexEntry]:
         for offset in itertools.count(0, _PAGE):
-            page = self._call(namespace, functools.partial(_page, offset=offset))
+            page = self._call(shard, functools.partial(_page, offset=offset, where=where))
             metadatas = page["metadatas"] or []
             yield from map(_entry, metadatas)
             if len(metadatas) < _PAGE:
                 return
 
-    def namespaces(self) -> list[str]:
-        """The namespaces that have a collection for this model and these dimensions."""
-        stem = collection_name(self.prefix, self.model, self.dimensions, "x")[:-1]
+    def _existing_shards(self) -> list[int]:
+        names = {self._name(shard): shard for shard in range(self.shards)}
         with _translated():
             collections = self.client.list_collections()
-        return sorted(
-            str((c.metadata or {}).get("namespace")) for c in collections if c.name.startswith(stem)
-        )
+        return sorted(names[c.name] for c in collections if c.name in names)
 
-    def drop(self, namespace: str) -> None:
-        """Delete a namespace's collection (used to rebuild the index from Redis)."""
-        with _translated(), self._lock:
-            self._collections.pop(namespace, None)
-            with suppress(NotFoundError):
-                self.client.delete_collection(
-                    collection_name(self.prefix, self.model, self.dimensions, namespace)
-                )
+    def _by_shard(self, refs: Sequence[KeyRef]) -> dict[int, list[KeyRef]]:
+        groups: dict[int, list[KeyRef]] = defaultdict(list)
+        for ref in dict.fromkeys(refs):
+            groups[self.shard_of(ref.namespace)].append(ref)
+        return groups
 
-    def _call(self, namespace: str, operation: Callable[[Collection], T]) -> T:
+    def _positions_by_shard(self, refs: Sequence[KeyRef]) -> dict[int, list[int]]:
+        groups: dict[int, list[int]] = defaultdict(list)
+        for position, ref in enumerate(refs):
+            groups[self.shard_of(ref.namespace)].append(position)
+        return groups
+
+    def _call(self, shard: int, operation: Callable[[Collection], T]) -> T:
         with _translated():
             try:
-                return operation(self._collection(namespace))
+                return operation(self._collection(shard))
             except NotFoundError:
-                self._forget(namespace)  # deleted behind our back: make it again, once
-                return operation(self._collection(namespace))
+                self._forget(shard)  # deleted behind our back: make it again, once
+                return operation(self._collection(shard))
 
-    def _collection(self, namespace: str) -> Collection:
+    def _collection(self, shard: int) -> Collection:
         with self._lock:
-            if namespace not in self._collections:
-                self._collections[namespace] = self._open(namespace)
-            return self._collections[namespace]
+            if shard not in self._collections:
+                self._collections[shard] = self._open(shard)
+            return self._collections[shard]
 
-    def _open(self, namespace: str) -> Collection:
-        name = collection_name(self.prefix, self.model, self.dimensions, namespace)
-        metadata: Any = {"namespace": namespace, "model": self.model, "dimensions": self.dimensions or 0}
+    def _name(self, shard: int) -> str:
+        return shard_name(self.prefix, self.model, self.dimensions, shard, self.shards)
+
+    def _open(self, shard: int) -> Collection:
+        metadata: Any = {"shard": shard, "model": self.model, "dimensions": self.dimensions or 0}
         return self.client.get_or_create_collection(
-            name=name,
+            name=self._name(shard),
             metadata=metadata,
             configuration={"hnsw": {"space": "cosine"}},
             embedding_function=None,
         )
 
-    def _forget(self, namespace: str) -> None:
+    def _forget(self, shard: int) -> None:
         with self._lock:
-            self._collections.pop(namespace, None)
+            self._collections.pop(shard, None)
 
 
-def _page(collection: Collection, *, offset: int) -> Any:
-    return collection.get(include=["metadatas"], limit=_PAGE, offset=offset)
+def _get(collection: Collection, *, ids: list[str]) -> Any:
+    return collection.get(ids=ids, include=["metadatas"])
 
 
-def _metadata(namespace: str, entry: IndexEntry) -> dict[str, str | int]:
-    return {"key": entry.key, "namespace": namespace, "version": entry.version, "hash": entry.content_hash}
+def _upsert(collection: Collection, *, ids: list[str], embeddings: Any, metadatas: Any) -> None:
+    collection.upsert(ids=ids, embeddings=embeddings, metadatas=metadatas)
+
+
+def _update(collection: Collection, *, ids: list[str], metadatas: Any) -> None:
+    collection.update(ids=ids, metadatas=metadatas)
+
+
+def _delete(collection: Collection, *, ids: list[str]) -> None:
+    collection.delete(ids=ids)
+
+
+def _page(collection: Collection, *, offset: int, where: dict[str, Any] | None) -> Any:
+    scope: Any = where
+    return collection.get(include=["metadatas"], where=scope, limit=_PAGE, offset=offset)
+
+
+def _metadata(entry: IndexEntry) -> dict[str, str | int]:
+    return {
+        "key": entry.key,
+        "namespace": entry.namespace,
+        "version": entry.version,
+        "hash": entry.content_hash,
+    }
 
 
 def _entry(metadata: Any, distance: float = 0.0) -> IndexEntry:
-    return IndexEntry(str(metadata["key"]), int(metadata["version"]), str(metadata["hash"]), float(distance))
+    return IndexEntry(
+        str(metadata["namespace"]),
+        str(metadata["key"]),
+        int(metadata["version"]),
+        str(metadata["hash"]),
+        float(distance),
+    )
 
 
 def _digest(text: str) -> str:

@@ -53,24 +53,22 @@ class LocalMiniLM:
     def dimensions(self) -> int:
         return DIMENSIONS
 
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+    def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """One unit vector per text, in order; texts past 256 tokens are truncated."""
         by_length = sorted(range(len(texts)), key=lambda index: len(texts[index]))
-        vectors: list[list[float]] = [[] for _ in texts]
+        vectors = np.zeros((len(texts), DIMENSIONS), dtype=np.float32)
         for start in range(0, len(by_length), self._batch_size):
             batch = by_length[start : start + self._batch_size]
-            for index, vector in zip(batch, self._embed_batch([texts[i] for i in batch]), strict=True):
-                vectors[index] = vector
+            vectors[batch] = self._embed_batch([texts[i] for i in batch])
         return vectors
 
-    def _embed_batch(self, texts: list[str]) -> list[list[float]]:
+    def _embed_batch(self, texts: list[str]) -> npt.NDArray[np.float32]:
         encodings = self._tokenizer.encode_batch(texts)
         ids = np.array([encoding.ids for encoding in encodings], dtype=np.int64)
         mask = np.array([encoding.attention_mask for encoding in encodings], dtype=np.int64)
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
         hidden: npt.NDArray[np.float32] = self._session.run(["last_hidden_state"], feeds)[0]
-        vectors: list[list[float]] = mean_pool_normalised(hidden, mask).tolist()
-        return vectors
+        return mean_pool_normalised(hidden, mask)
 
 
 def mean_pool_normalised(

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvstore import Record
+from kvstore import KeyRef, Record
 from vectorstore.index import IndexEntry
 from vectorstore.sync import Memories
 
-__all__ = ["Drift", "find_drift", "reconcile"]
+__all__ = ["REPAIR_BATCH", "Drift", "find_drift", "reconcile"]
+
+#: Keys repaired per batch: one Redis read, one Chroma get and one embedding request each.
+REPAIR_BATCH = 500
 
 
 @dataclass
@@ -51,11 +54,10 @@ def reconcile(memories: Memories, namespaces: list[str] | None = None, *, repair
 
 
 def _repair(memories: Memories, drift: Drift) -> None:
-    ns = drift.namespace
-    for key in [*drift.missing, *drift.stale]:
-        memories.refresh(memories.store.record(key, namespace=ns), ns, key)
-    if drift.orphan:
-        memories.index.delete(ns, drift.orphan)
+    """Re-index missing and stale keys and drop orphans, in batches of `REPAIR_BATCH` keys."""
+    refs = [KeyRef(drift.namespace, key) for key in [*drift.missing, *drift.stale, *drift.orphan]]
+    for start in range(0, len(refs), REPAIR_BATCH):
+        memories.refresh(refs[start : start + REPAIR_BATCH])
 
 
 def _differs(record: Record, entry: IndexEntry) -> bool:

@@ -1,15 +1,44 @@
-"""Memories: a sync or rollback across Redis (the truth) and Chroma (the index), in that order."""
+"""Memories: syncs and rollbacks across Redis (the truth) and Chroma (the index), a batch at a time.
+
+A sync of one memory is a batch of one. A batch goes through five steps, each one round trip (or
+one request per shard, or per embedding request) for the whole batch:
+
+1. check   validate every item; a bad item fails alone and nothing is written for it.
+2. look    read the current records of the embedded items (Redis); an item a newer message has
+           overtaken is answered `stale` at once; for items whose text may be unchanged, read the
+           hashes the index holds (Chroma `get`).
+3. embed   one request for every text whose vector the index lacks (split at the request limits);
+           a refusal about the input is narrowed down to the items that caused it.
+4. write   one script call per item in one pipeline: versions, last-writer-wins and duplicates are
+           decided there, item by item, and a write whose key's vector must change takes the key's
+           index lock in the same call.
+5. index   for every locked key, bring the index to the key's current record: one upsert, one
+           relabel and one delete per shard; then release the locks. Keys whose lock another
+           writer held are waited for, read again and go through this step once they are ours.
+
+Every step is idempotent, so a batch delivered again converges on the same state. Embedding
+happens before any lock is taken, so a lock is held for one Chroma round trip, never an embedding
+(except to repair a vector that vanished meanwhile), and expires quickly if its holder dies.
+"""
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvstore import (
     InvalidValue,
+    KeyRef,
+    KVStoreError,
+    LockLost,
     MemoryStore,
     Outcome,
     Record,
+    StoreUnavailable,
+    Write,
     WriteMeta,
     WriteResult,
     canonical_json,
@@ -19,28 +48,73 @@ from kvstore import (
 )
 from kvstore.validate import embedding_text
 from vectorstore.embedder import Embedder
-from vectorstore.index import IndexEntry, VectorIndex
+from vectorstore.errors import EmbeddingRejected, VectorStoreError
+from vectorstore.index import IndexEntry, VectorIndex, Vectors
 from vectorstore.search import Hit, search
 
-__all__ = ["LOCK_TIMEOUT_MS", "Memories"]
+__all__ = ["LOCK_TIMEOUT_MS", "LOCK_WAIT_MS", "ItemResult", "Memories", "SyncItem"]
 
-#: How long a key's index lock lives if its holder dies: the index step holds it for a Redis read
-#: and one or two index calls, never an embedding.
+#: How long a key's index lock lives if its holder dies: the index step holds it for one Chroma
+#: round trip per shard, never an embedding.
 LOCK_TIMEOUT_MS = 8_000
+#: How long a write waits for another writer's index lock on the same key before giving up (to retry).
+LOCK_WAIT_MS = 10_000
+
+#: What a batch gives back for each item: its write's result, or the error that failed it alone.
+ItemResult = WriteResult | Exception
+
+
+@dataclass(frozen=True)
+class SyncItem:
+    """One memory to sync: the arguments of a single sync."""
+
+    key: str
+    value: Any
+    namespace: str | None = None
+    embed: bool = False
+    ttl_ms: int | None = None
+    meta: WriteMeta | None = None
+
+
+@dataclass
+class _Pending:
+    """An item on its way through a batch: its write, and what the steps learned for it."""
+
+    position: int
+    write: Write
+    text: str = ""
+    vector: Vectors | None = None  # the embedding of `text`, once made
+    result: WriteResult | None = None
+
+    @property
+    def ref(self) -> KeyRef:
+        return self.write.ref
+
+
+@dataclass
+class _Batch:
+    """The results of a batch's items so far, by position; None while an item is still going."""
+
+    results: list[ItemResult | None]
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def fail(self, items: Sequence[_Pending], error: Exception) -> None:
+        for item in items:
+            self.results[item.position] = error
+
+    def going(self, items: Sequence[_Pending]) -> list[_Pending]:
+        return [item for item in items if self.results[item.position] is None]
 
 
 class Memories:
-    """Keeps a key's value in Redis and its vector in Chroma in step.
-
-    A sync embeds first (outside any lock; skipped when the key's vector already has the text's
-    hash), then writes Redis atomically, then updates the index under a short per-key lock, only
-    if the message still owns the key's current version. Each step is idempotent.
-    """
+    """Keeps keys' values in Redis and their vectors in Chroma in step, a batch at a time."""
 
     def __init__(self, store: MemoryStore, index: VectorIndex, embedder: Embedder) -> None:
         self.store = store
         self.index = index
         self.embedder = embedder
+
+    # Syncs and rollbacks.
 
     def sync(
         self,
@@ -52,22 +126,26 @@ class Memories:
         ttl_ms: int | None = None,
         meta: WriteMeta | None = None,
     ) -> WriteResult:
-        """Write `value` as the key's new version and bring its vector in step."""
-        ns, key, meta = check_namespace(namespace), check_key(key), meta or WriteMeta()
-        value_json = canonical_json(value, self.store.max_value_bytes)
-        text = embedding_text(value, value_json)
-        if embed and not text.strip():
-            raise InvalidValue("value is an empty string; there is nothing to embed")
-        digest = content_hash(text) if embed else ""
-        current = self.store.record(key, namespace=ns)
-        if _newer_than(current, meta):
-            return WriteResult(Outcome.STALE, current)
-        vector = self._vector(ns, key, text, digest, current) if embed else None
-        result = self.store.set(
-            key, value, namespace=ns, embed=embed, content_hash=digest, ttl_ms=ttl_ms, meta=meta
-        )
-        self._follow(result, meta.msg_id, vector, looked=embed)
-        return result
+        """Write `value` as the key's new version and bring its vector in step (a batch of one)."""
+        [result] = self.sync_many([SyncItem(key, value, namespace, embed, ttl_ms, meta)])
+        return _raised(result)
+
+    def sync_many(self, items: Sequence[SyncItem], *, skip_unchanged: bool = False) -> list[ItemResult]:
+        """Sync every item; one result per item, in order: its WriteResult, or the error that failed it.
+
+        An item's error is its own: an invalid item, a refused text or a rollback target that is
+        gone fails that item only. An unreachable Redis, Chroma or embedding server fails every
+        item it concerns, each of which can be retried on its own. With `skip_unchanged`, an item
+        whose key already holds the same value (and embed flag) makes no new version: `unchanged`.
+        """
+        batch = _Batch([None] * len(items))
+        pending = [
+            p for p in (self._check(batch, n, item, skip_unchanged) for n, item in enumerate(items)) if p
+        ]
+        pending = self._look(batch, pending)
+        self._embed(batch, pending)
+        self._write_and_index(batch, batch.going(pending))
+        return [_done(result) for result in batch.results]
 
     def rollback(
         self,
@@ -78,52 +156,29 @@ class Memories:
         meta: WriteMeta | None = None,
     ) -> WriteResult:
         """Restore the previous (or a given retained) version as a new one, and re-index it."""
-        meta = meta or WriteMeta()
-        result = self.store.rollback(key, namespace=namespace, version=version, meta=meta)
-        self._follow(result, meta.msg_id, None, looked=False)
-        return result
+        ref = KeyRef(check_namespace(namespace), check_key(key))
+        target = "" if version is None else str(version)
+        batch = _Batch([None])
+        write = Write(ref, "rollback", meta or WriteMeta(), target, lock_token=batch.token)
+        self._write_and_index(batch, [_Pending(0, write)])
+        return _raised(_done(batch.results[0]))
 
     def undo(self, key: str, msg_id: str, *, namespace: str | None = None) -> bool:
         """Take back the version `msg_id` wrote, when it is still current (a sync that failed for good)."""
         ns = check_namespace(namespace)
         undone = self.store.revert(key, msg_id, namespace=ns)
         if undone:
-            self.refresh(self.store.record(key, namespace=ns), ns, key)
+            self.refresh([KeyRef(ns, check_key(key))])
         return undone
 
-    def refresh(
-        self,
-        record: Record | None,
-        namespace: str,
-        key: str,
-        vector: Sequence[float] | None = None,
-        *,
-        indexed: bool = False,
-    ) -> str:
-        """Make the index hold exactly what `record` needs; returns what it did.
+    def refresh(self, refs: Sequence[KeyRef]) -> dict[KeyRef, str]:
+        """Make the index hold exactly what the keys' current records need; what was done, by key.
 
-        `vector`, when given, is the embedding of exactly the record's text; `indexed` says the
-        caller found the key's vector already made from that text, so only its version changes.
+        Used by reconcile and undo: no lock is taken, and a text the index lacks is embedded.
         """
-        if record is None or record.deleted or not record.embed:
-            self.index.delete(namespace, [key])
-            return "deleted"
-        entry = IndexEntry(key, record.version, record.content_hash)
-        if vector is not None:
-            self.index.upsert(namespace, [entry], [vector])
-            return "embedded"
-        if indexed:
-            self.index.relabel(namespace, [entry])
-            return "relabelled"
-        stored = self.index.stored(namespace, [key]).get(key)
-        if stored is not None and stored.content_hash == record.content_hash:
-            if stored.version != record.version:
-                self.index.relabel(namespace, [entry])
-                return "relabelled"
-            return "unchanged"
-        vector = self.embedder.embed([_text_of(record)])[0]
-        self.index.upsert(namespace, [entry], [vector])
-        return "embedded"
+        refs = list(dict.fromkeys(refs))
+        heads = dict(zip(refs, self.store.records_of(refs), strict=True))
+        return self._apply(heads, {})
 
     def search(
         self, query: str, k: int = 5, namespace: str | None = None, where: dict[str, Any] | None = None
@@ -131,51 +186,233 @@ class Memories:
         """The `k` current memories closest in meaning to `query`; see `vectorstore.search.search`."""
         return search(query, k, namespace, where, store=self.store, index=self.index, embedder=self.embedder)
 
-    def _vector(
-        self, namespace: str, key: str, text: str, digest: str, current: Record | None
-    ) -> list[float] | None:
-        """The text's embedding, or None when the key's vector already has the text's hash."""
-        if current is not None and current.embed and current.content_hash == digest:
-            stored = self.index.stored(namespace, [key]).get(key)
-            if stored is not None and stored.content_hash == digest:
-                return None
-        return self.embedder.embed([text])[0]
+    # Step 1: check.
 
-    def _follow(
-        self, result: WriteResult, msg_id: str, vector: Sequence[float] | None, *, looked: bool
-    ) -> None:
-        """Update the index for the key if this message still owns its current version.
+    def _check(self, batch: _Batch, position: int, item: SyncItem, skip_unchanged: bool) -> _Pending | None:
+        try:
+            ref = KeyRef(check_namespace(item.namespace), check_key(item.key))
+            value_json = canonical_json(item.value, self.store.max_value_bytes)
+            text = embedding_text(item.value, value_json)
+            if item.embed and not text.strip():
+                raise InvalidValue("value is an empty string; there is nothing to embed")
+        except KVStoreError as error:
+            batch.results[position] = error
+            return None
+        digest = content_hash(text) if item.embed else ""
+        write = Write(
+            ref, "set", item.meta or WriteMeta(), value_json, item.embed, digest, item.ttl_ms,
+            lock_token=batch.token, skip_unchanged=skip_unchanged,
+        )  # fmt: skip
+        return _Pending(position, write, text if item.embed else "")
 
-        `looked`: the caller already looked in the index, and `vector` is None only because the
-        index holds this text's vector. Any embedding happens before the lock, so the lock is held
-        for a Redis read and one index call; that keeps its expiry short for a worker that dies
-        holding it. If a newer version without a vector owns the key, no vector is left behind.
-        """
-        record = result.current
-        if record is None or record.msg_id != msg_id:
+    # Step 2: look.
+
+    def _look(self, batch: _Batch, pending: list[_Pending]) -> list[_Pending]:
+        """Answer items already overtaken; give `vector=None` and drop from embedding those the index has."""
+        embedded = [item for item in pending if item.write.embed]
+        try:
+            currents = self.store.records_of([item.ref for item in embedded])
+        except StoreUnavailable as error:
+            batch.fail(embedded, error)
+            return batch.going(pending)
+        maybe_same: list[_Pending] = []
+        for item, current in zip(embedded, currents, strict=True):
+            if _overtaken(current, item.write.meta):
+                batch.results[item.position] = WriteResult(Outcome.STALE, current)
+            elif current is not None and current.embed and current.content_hash == item.write.content_hash:
+                maybe_same.append(item)
+        self._skip_indexed(batch, maybe_same)
+        return batch.going(pending)
+
+    def _skip_indexed(self, batch: _Batch, items: list[_Pending]) -> None:
+        """Clear the text of items whose vector the index already holds, so they are not embedded."""
+        if not items:
             return
-        if not record.embed and not result.had_vector:
-            return  # no vector before, none now
-        if record.embed and not looked:
-            vector = self._vector(record.namespace, record.key, _text_of(record), record.content_hash, record)
-        with self.store.key_lock(record.key, namespace=record.namespace, timeout_ms=LOCK_TIMEOUT_MS):
-            head = self.store.record(record.key, namespace=record.namespace)
-            if head is not None and head.msg_id == msg_id:
-                same = head.version == record.version
-                indexed = same and record.embed and vector is None
-                self.refresh(head, record.namespace, record.key, vector if same else None, indexed=indexed)
-            elif head is None or head.deleted or not head.embed:
-                # A newer version without a vector took over. Its writer skipped this step, as the
-                # version before it (this one) had none; an older vector may still be in the index.
-                self.index.delete(record.namespace, [record.key])
+        try:
+            stored = self.index.stored([item.ref for item in items])
+        except VectorStoreError:
+            return  # embed them all: the index step will say whether Chroma is back
+        for item in items:
+            entry = stored.get(item.ref)
+            if entry is not None and entry.content_hash == item.write.content_hash:
+                item.text = ""
+
+    # Step 3: embed.
+
+    def _embed(self, batch: _Batch, pending: list[_Pending]) -> None:
+        wanted = [item for item in pending if item.text]
+        for item, vector in zip(wanted, self._vectors([item.text for item in wanted]), strict=True):
+            if isinstance(vector, Exception):
+                batch.results[item.position] = vector
+            else:
+                item.vector = vector
+
+    def _vectors(self, texts: list[str]) -> list[Vectors | Exception]:
+        """One vector per text, or the error that stands for it: a refusal is narrowed down by halves."""
+        if not texts:
+            return []
+        try:
+            return list(self.embedder.embed(texts))
+        except EmbeddingRejected as error:
+            if len(texts) == 1 or not error.about_the_input:
+                return [error] * len(texts)
+            half = len(texts) // 2
+            return self._vectors(texts[:half]) + self._vectors(texts[half:])
+        except VectorStoreError as error:
+            return [error] * len(texts)
+
+    # Step 4: write; step 5: index.
+
+    def _write_and_index(self, batch: _Batch, pending: list[_Pending]) -> None:
+        try:
+            results = self.store.write_many([item.write for item in pending], lock_ttl_ms=LOCK_TIMEOUT_MS)
+        except StoreUnavailable as error:
+            batch.fail(pending, error)
+            return
+        for item, result in zip(pending, results, strict=True):
+            item.result = result if isinstance(result, WriteResult) else None
+            batch.results[item.position] = result if isinstance(result, Exception) else None
+        written = batch.going(pending)
+        self._index_locked(batch, [i for i in written if _lock(i) == "held"], None)
+        busy = [i for i in written if _lock(i) == "busy"]
+        self._index_when_free(batch, busy)
+        for item in batch.going(written):
+            batch.results[item.position] = item.result
+
+    def _index_when_free(self, batch: _Batch, items: list[_Pending]) -> None:
+        """Wait for other writers' locks on these keys, then index each from its record read anew."""
+        deadline, pause = time.monotonic() + LOCK_WAIT_MS / 1000, 0.01
+        while items:
+            try:
+                taken = self.store.take_locks([item.ref for item in items], batch.token, LOCK_TIMEOUT_MS)
+                mine = [item for item, ok in zip(items, taken, strict=True) if ok]
+                heads = self.store.records_of([item.ref for item in mine]) if mine else []
+            except StoreUnavailable as error:
+                batch.fail(items, error)
+                return
+            self._index_locked(batch, mine, heads)
+            items = [item for item, ok in zip(items, taken, strict=True) if not ok]
+            if items and time.monotonic() > deadline:
+                batch.fail(items, StoreUnavailable(f"a key stayed locked for {LOCK_WAIT_MS // 1000} s"))
+                return
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+
+    def _index_locked(self, batch: _Batch, items: list[_Pending], heads: list[Record | None] | None) -> None:
+        """Index keys whose lock this batch holds, from `heads` (or each write's result), then release."""
+        if not items:
+            return
+        records = heads if heads is not None else [_current(item) for item in items]
+        jobs: dict[KeyRef, Record | None] = {}
+        vectors: dict[KeyRef, Vectors] = {}
+        for item, head in zip(items, records, strict=True):
+            if _owns(item, head):
+                jobs[item.ref] = head
+                if (
+                    item.vector is not None
+                    and head is not None
+                    and head.content_hash == item.write.content_hash
+                ):
+                    vectors[item.ref] = item.vector
+        try:
+            self._apply(jobs, vectors)
+        except (VectorStoreError, StoreUnavailable) as error:
+            batch.fail(items, error)
+        self._release(batch, items)
+
+    def _release(self, batch: _Batch, items: list[_Pending]) -> None:
+        try:
+            released = self.store.release_locks([item.ref for item in items], batch.token)
+        except StoreUnavailable as error:  # the locks expire on their own
+            batch.fail(batch.going(items), error)
+            return
+        lost = [item for item, ok in zip(items, released, strict=True) if not ok]
+        batch.fail(batch.going(lost), LockLost("a key's index lock expired during its index step"))
+
+    def _apply(self, heads: dict[KeyRef, Record | None], vectors: dict[KeyRef, Vectors]) -> dict[KeyRef, str]:
+        """Bring each key's vectors to its record: delete, relabel, embed or upsert; what was done, by key."""
+        done: dict[KeyRef, str] = {}
+        gone = [ref for ref, head in heads.items() if head is None or head.deleted or not head.embed]
+        live = {ref: head for ref, head in heads.items() if head is not None and ref not in gone}
+        unknown = [ref for ref in live if ref not in vectors]
+        stored = self.index.stored(unknown) if unknown else {}
+        relabel, missing = _sorted_by_index(live, unknown, stored, done)
+        if missing:
+            made = self.embedder.embed([_text_of(live[ref]) for ref in missing])
+            vectors = {**vectors, **dict(zip(missing, made, strict=True))}
+        upserts = [ref for ref in live if ref in vectors]
+        self.index.upsert([_entry(live[ref]) for ref in upserts], [vectors[ref] for ref in upserts])
+        self.index.relabel([_entry(live[ref]) for ref in relabel])
+        self.index.delete(gone)
+        done.update({ref: "deleted" for ref in gone})
+        done.update({ref: "relabelled" for ref in relabel})
+        done.update({ref: "embedded" for ref in upserts})
+        return done
+
+
+def _sorted_by_index(
+    live: dict[KeyRef, Record],
+    unknown: list[KeyRef],
+    stored: dict[KeyRef, IndexEntry],
+    done: dict[KeyRef, str],
+) -> tuple[list[KeyRef], list[KeyRef]]:
+    """Of the keys without a fresh vector: which need a new version label, and which a new embedding."""
+    relabel, missing = [], []
+    for ref in unknown:
+        entry, head = stored.get(ref), live[ref]
+        if entry is None or entry.content_hash != head.content_hash:
+            missing.append(ref)
+        elif entry.version != head.version:
+            relabel.append(ref)
+        else:
+            done[ref] = "unchanged"
+    return relabel, missing
+
+
+def _owns(item: _Pending, head: Record | None) -> bool:
+    """Whether this item's index step is the one to bring the key's vectors to `head`.
+
+    A head without a vector is anyone's to clean up (its own writer may have skipped the step when
+    the version before it had none). An embedded head is this item's when the item wrote it, or
+    when its text is the item's text; otherwise its own writer indexes it.
+    """
+    if head is None or head.deleted or not head.embed:
+        return True
+    if head.msg_id == item.write.meta.msg_id:
+        return True
+    return item.write.embed and head.content_hash == item.write.content_hash
+
+
+def _overtaken(current: Record | None, meta: WriteMeta) -> bool:
+    """Whether a newer message than `meta`'s already wrote the key (so this one changes nothing)."""
+    if current is None or not meta.ordered or current.msg_id == meta.msg_id:
+        return False
+    return (meta.msg_ts, meta.msg_id) < (current.msg_ts, current.msg_id)
+
+
+def _lock(item: _Pending) -> str:
+    return item.result.lock if item.result is not None else ""
+
+
+def _current(item: _Pending) -> Record | None:
+    return item.result.current if item.result is not None else None
+
+
+def _entry(record: Record) -> IndexEntry:
+    return IndexEntry(record.namespace, record.key, record.version, record.content_hash)
 
 
 def _text_of(record: Record) -> str:
     return embedding_text(record.value, record.value_json or "")
 
 
-def _newer_than(current: Record | None, meta: WriteMeta) -> bool:
-    """Whether a newer message than `meta`'s already wrote the key (so this one changes nothing)."""
-    if current is None or not meta.ordered or current.msg_id == meta.msg_id:
-        return False
-    return (meta.msg_ts, meta.msg_id) < (current.msg_ts, current.msg_id)
+def _done(result: ItemResult | None) -> ItemResult:
+    if result is None:  # every step sets a result or leaves the item going to the next
+        raise RuntimeError("a batch item was left without a result")
+    return result
+
+
+def _raised(result: ItemResult) -> WriteResult:
+    if isinstance(result, Exception):
+        raise result
+    return result

@@ -43,7 +43,7 @@ def test_search_prints_current_hits_closest_first(capsys: pytest.CaptureFixture[
 def test_reconcile_reports_and_repairs_drift(capsys: pytest.CaptureFixture[str], namespace: str) -> None:
     memories = state.runtime().memories
     memories.sync("pet", "a black cat", embed=True, namespace=namespace)
-    memories.index.delete(namespace, ["pet"])
+    memories.index.delete([KeyRef(namespace, "pet")])
     first = _json(capsys, ["reconcile", "--namespace", namespace])
     second = _json(capsys, ["reconcile", "--namespace", namespace])
     assert first == [{"namespace": namespace, "missing": 1, "stale": 0, "orphan": 0, "repaired": True}]

@@ -44,7 +44,7 @@ def test_a_message_applied_twice_is_caught(
 
 def test_a_stale_vector_is_caught(memories: Memories, dead_letters: DeadLetters, namespace: str) -> None:
     expected = _synced(memories, namespace)
-    memories.index.relabel(namespace, [IndexEntry("a", 1, "old")])
+    memories.index.relabel([IndexEntry(namespace, "a", 1, "old")])
     with pytest.raises(AssertionError, match="stale"):
         check_invariants(memories, dead_letters, expected)
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from kvstore import InvalidValue, MemoryStore, WriteMeta
+from kvstore import InvalidValue, KeyRef, MemoryStore, WriteMeta
 from tests.conftest import API_KEY
 from tests.support.embedding_server import EmbeddingServer
 from vectorstore import (
@@ -32,8 +32,7 @@ def memories(
     index = VectorIndex(chroma_client(chroma_url), model=MODEL, dimensions=None, prefix=prefix)
     embedder = OpenAIEmbedder(api_key=API_KEY, model=MODEL, base_url=embedding_service.base_url)
     yield Memories(store, index, embedder)
-    for namespace in index.namespaces():
-        index.drop(namespace)
+    index.drop_all()
 
 
 def _embedding_calls(server: EmbeddingServer) -> int:
@@ -91,7 +90,7 @@ def test_an_unchanged_text_is_not_embedded_again(
 def test_a_value_synced_without_embed_loses_its_vector(memories: Memories) -> None:
     memories.sync("pet", "the user has a cat", embed=True)
     memories.sync("pet", "no longer searchable", embed=False)
-    assert memories.index.stored("default", ["pet"]) == {}
+    assert memories.index.stored([KeyRef("default", "pet")]) == {}
     assert memories.search("cat", k=5) == []
 
 
@@ -155,7 +154,8 @@ def test_reconcile_repairs_missing_stale_and_orphan_vectors(
 
     first = reconcile(memories, ["default"])
     assert first[0].counts() == {"missing": 1, "stale": 2, "orphan": 1}
-    assert _embedding_calls(embedding_service) - calls == 2  # "relabel" needs no new embedding
+    # One request for the two changed texts; "relabel" needs no new embedding.
+    assert [r.inputs for r in embedding_service.embedding_requests[calls:]] == [2]
     assert reconcile(memories, ["default"])[0].counts() == {"missing": 0, "stale": 0, "orphan": 0}
     assert {hit.key for hit in memories.search("text", k=5)} == {"missing", "stale", "relabel"}
 
@@ -164,7 +164,8 @@ def test_the_index_can_be_rebuilt_from_redis(memories: Memories) -> None:
     memories.sync("pet", "a cat", embed=True)
     memories.index.drop("default")
     reconcile(memories, ["default"])
-    assert memories.index.stored("default", ["pet"])["pet"] == IndexEntry("pet", 1, _hash("a cat"))
+    pet = KeyRef("default", "pet")
+    assert memories.index.stored([pet])[pet] == IndexEntry("default", "pet", 1, _hash("a cat"))
 
 
 def _hash(text: str) -> str:

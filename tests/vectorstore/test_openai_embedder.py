@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
 
@@ -82,6 +83,15 @@ def visible_text(err: BaseException) -> str:
     return " | ".join([str(err), repr(err), *map(str, err.args)])
 
 
+def _rows(vectors: Any) -> list[list[float]]:
+    return [[round(x, 5) for x in row] for row in vectors.tolist()]
+
+
+def _expected(texts: list[str]) -> list[list[float]]:
+    """The test server's vectors, as float32 carries them."""
+    return [[round(x, 5) for x in vector_for(text)] for text in texts]
+
+
 def cosine(a: Sequence[float], b: Sequence[float]) -> float:
     return sum(x * y for x, y in zip(a, b, strict=True)) / (math.hypot(*a) * math.hypot(*b))
 
@@ -93,7 +103,7 @@ def test_each_text_gets_the_servers_vector_in_input_order(
     embedding_server: EmbeddingServer, embedder_for: EmbedderMaker
 ) -> None:
     texts = ["the cat sat", "stock market news", "a cat"]
-    assert embedder_for(embedding_server).embed(texts) == [vector_for(text) for text in texts]
+    assert _rows(embedder_for(embedding_server).embed(texts)) == _expected(texts)
 
 
 def test_vectors_keep_input_order_when_the_server_lists_them_out_of_order(
@@ -101,7 +111,7 @@ def test_vectors_keep_input_order_when_the_server_lists_them_out_of_order(
 ) -> None:
     embedding_server.reverse_data = True
     texts = ["first", "second", "third"]
-    assert embedder_for(embedding_server).embed(texts) == [vector_for(text) for text in texts]
+    assert _rows(embedder_for(embedding_server).embed(texts)) == _expected(texts)
 
 
 def test_texts_that_share_words_come_back_closer_than_texts_that_share_none(
@@ -111,7 +121,7 @@ def test_texts_that_share_words_come_back_closer_than_texts_that_share_none(
     assert cosine(cat_sat, a_cat) > cosine(cat_sat, market)
 
 
-def test_a_batch_is_one_request_for_float_vectors_of_the_model(
+def test_a_batch_is_one_request_for_base64_vectors_of_the_model(
     embedding_server: EmbeddingServer, embedder_for: EmbedderMaker
 ) -> None:
     embedder_for(embedding_server).embed(["one", "two", "three"])
@@ -119,7 +129,7 @@ def test_a_batch_is_one_request_for_float_vectors_of_the_model(
     assert (request.inputs, request.model, request.encoding_format, request.status) == (
         3,
         MODEL,
-        "float",
+        "base64",
         200,
     )
 
@@ -127,7 +137,7 @@ def test_a_batch_is_one_request_for_float_vectors_of_the_model(
 def test_dimensions_is_sent_when_set(embedding_server: EmbeddingServer, embedder_for: EmbedderMaker) -> None:
     [vector] = embedder_for(embedding_server, dimensions=32).embed(["hello"])
     assert embedding_server.embedding_requests[0].dimensions == 32
-    assert vector == vector_for("hello", 32)
+    assert vector.tolist() == pytest.approx(vector_for("hello", 32), abs=1e-6)
 
 
 def test_dimensions_is_not_sent_when_unset(
@@ -144,11 +154,11 @@ def test_more_than_2048_texts_are_split_into_requests_of_at_most_2048(
     texts = [f"memory number {i}" for i in range(MAX_INPUTS_PER_REQUEST + 1)]
     vectors = embedder_for(embedding_server).embed(texts)
     assert [request.inputs for request in embedding_server.embedding_requests] == [2048, 1]
-    assert vectors == [vector_for(text) for text in texts]
+    assert _rows(vectors) == _expected(texts)
 
 
 def test_no_texts_make_no_request(embedding_server: EmbeddingServer, embedder_for: EmbedderMaker) -> None:
-    assert embedder_for(embedding_server).embed([]) == []
+    assert len(embedder_for(embedding_server).embed([])) == 0
     assert embedding_server.requests == []
 
 
@@ -165,7 +175,7 @@ def test_a_server_that_requires_the_key_accepts_the_right_one(
     embedding_server_factory: EmbeddingServerFactory, embedder_for: EmbedderMaker
 ) -> None:
     server = embedding_server_factory(api_key=SENTINEL)
-    assert embedder_for(server).embed(["hello"]) == [vector_for("hello")]
+    assert _rows(embedder_for(server).embed(["hello"])) == _expected(["hello"])
 
 
 # --- transient failures: EmbeddingUnavailable ----------------------------------------------------
