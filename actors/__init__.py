@@ -12,10 +12,10 @@ from actors import state
 
 broker = state.configure()
 
-from actors.tasks import memory_rollback, memory_sync  # noqa: E402  (needs the broker above)
+from actors.tasks import memory_rollback, memory_sync, memory_sync_batch  # noqa: E402  (needs the broker above)
 from vectorstore import Hit  # noqa: E402
 
-__all__ = ["broker", "memory_rollback", "memory_sync", "search"]
+__all__ = ["broker", "memory_rollback", "memory_sync", "memory_sync_batch", "search"]
 
 
 def search(

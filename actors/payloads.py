@@ -10,13 +10,23 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, f
 from actors.errors import InvalidPayload
 from kvstore import KVStoreError, check_key, check_namespace
 
-__all__ = ["MAX_TTL_MS", "RollbackPayload", "SyncPayload", "parse"]
+__all__ = [
+    "MAX_BATCH_ITEMS",
+    "MAX_TTL_MS",
+    "BatchPayload",
+    "RollbackPayload",
+    "SyncPayload",
+    "parse",
+    "parse_item",
+]
 
-P = TypeVar("P", bound="_Payload")
+P = TypeVar("P", bound=BaseModel)
 
 #: The longest time to live: the largest integer the write script's Lua numbers (doubles) hold exactly.
 #: Past it they lose digits, and from about 1e17 Redis refuses them after the script has written the value.
 MAX_TTL_MS = 2**53
+#: The most items one `memory_sync_batch` message may carry.
+MAX_BATCH_ITEMS = 1000
 _LOCATION_LIMIT = 80
 
 
@@ -57,9 +67,30 @@ class RollbackPayload(_Payload):
     version: int | None = Field(None, gt=0)
 
 
+class BatchPayload(BaseModel):
+    """`{items: [{key, value, embed?, namespace?, ttl_ms?}, ...], skip_unchanged?}`: MEMORY_SYNC_BATCH.
+
+    Each item is checked on its own (`parse_item`), so one bad item fails alone.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    positional: ClassVar[tuple[str, ...]] = ("items", "skip_unchanged")
+
+    items: list[Any] = Field(min_length=1, max_length=MAX_BATCH_ITEMS)
+    skip_unchanged: bool = False
+
+
+def parse_item(fields: Any) -> SyncPayload:
+    """One item of a batch, checked as a MEMORY_SYNC payload of its own."""
+    if not isinstance(fields, dict):
+        raise InvalidPayload(f"invalid item: must be an object, not {type(fields).__name__}")
+    return parse(SyncPayload, (), fields)
+
+
 def parse(model: type[P], args: tuple[Any, ...], kwargs: dict[str, Any]) -> P:
     """Build a payload from an actor call's arguments (positional ones in the model's `positional` order)."""
-    names = model.positional
+    names: tuple[str, ...] = getattr(model, "positional")  # noqa: B009  (a ClassVar of every payload)
     if len(args) > len(names):
         raise InvalidPayload(f"invalid payload: {len(args)} positional arguments; at most {len(names)}")
     fields = dict(zip(names, args, strict=False))

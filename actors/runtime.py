@@ -10,6 +10,7 @@ from functools import cached_property
 import redis
 
 from actors.broker import retry_policy
+from actors.coalesce import Coalescer
 from actors.deadletter import DeadLetters
 from actors.retry import RetryPolicy
 from kvstore import Keys, MemoryStore
@@ -80,7 +81,18 @@ class Runtime:
             logging.getLogger(name).setLevel(logging.WARNING)
         embedder = make_embedder(self.settings)
         client = chroma_client(self.chroma_url, str(self.settings.data_dir / "chroma"))
+        s = self.settings
         index = VectorIndex(
-            client, model=embedder.model, dimensions=embedder.dimensions, prefix=self.settings.prefix
+            client,
+            model=embedder.model,
+            dimensions=embedder.dimensions,
+            prefix=s.prefix,
+            shards=s.index_shards,
         )
-        return Memories(self.store, index, embedder)
+        return Memories(self.store, index, embedder, search_retry_budget_ms=s.search_retry_budget_ms)
+
+    @cached_property
+    def coalescer(self) -> Coalescer:
+        """Shares batches between the concurrent single syncs of this process's worker threads."""
+        s = self.settings
+        return Coalescer(self.memories.sync_many, window_ms=s.coalesce_ms, max_items=s.coalesce_max)

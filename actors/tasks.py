@@ -1,8 +1,11 @@
-"""The actors: validate the payload, call Memories, return the result. Thin on purpose."""
+"""The actors: validate the payload, call Memories, return the result. Thin on purpose.
+
+A single sync goes through this process's coalescer, so concurrent ones share a batch; the batch
+actor hands its items to `Memories.sync_many` directly.
+"""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -10,28 +13,33 @@ import dramatiq
 from dramatiq.middleware import CurrentMessage
 
 from actors import state
-from actors.deadletter import scrub
+from actors.batch import perform_batch
 from actors.errors import PERMANENT_ERRORS
+from actors.outcomes import answer, scrub_in_place, undo
 from actors.payloads import RollbackPayload, SyncPayload, parse
 from actors.runtime import Runtime
-from kvstore import WriteMeta, WriteResult
+from kvstore import WriteMeta
+from vectorstore import SyncItem
 
-__all__ = ["JOBS", "memory_rollback", "memory_sync", "perform", "run_rollback", "run_sync"]
-
-logger = logging.getLogger("memsync.actors")
+__all__ = [
+    "JOBS",
+    "memory_rollback",
+    "memory_sync",
+    "memory_sync_batch",
+    "perform",
+    "run_rollback",
+    "run_sync",
+]
 
 
 def run_sync(runtime: Runtime, payload: SyncPayload, meta: WriteMeta) -> dict[str, Any]:
     """The MEMORY_SYNC job: `{"status": "success", "key", "version", ...}`."""
-    result = runtime.memories.sync(
-        payload.key,
-        payload.value,
-        namespace=payload.namespace,
-        embed=payload.embed,
-        ttl_ms=payload.ttl_ms,
-        meta=meta,
-    )
-    return _answer("success", payload.key, result)
+    result = runtime.coalescer.sync(_item(payload, meta))
+    return answer("success", payload.key, result)
+
+
+def _item(payload: SyncPayload, meta: WriteMeta) -> SyncItem:
+    return SyncItem(payload.key, payload.value, payload.namespace, payload.embed, payload.ttl_ms, meta)
 
 
 def run_rollback(runtime: Runtime, payload: RollbackPayload, meta: WriteMeta) -> dict[str, Any]:
@@ -39,18 +47,7 @@ def run_rollback(runtime: Runtime, payload: RollbackPayload, meta: WriteMeta) ->
     result = runtime.memories.rollback(
         payload.key, namespace=payload.namespace, version=payload.version, meta=meta
     )
-    return _answer("rolled_back", payload.key, result)
-
-
-def _answer(status: str, key: str, result: WriteResult) -> dict[str, Any]:
-    current = result.current
-    return {
-        "status": status,
-        "key": key,
-        "version": None if current is None else current.version,
-        "namespace": None if current is None else current.namespace,
-        "outcome": result.outcome.value,
-    }
+    return answer("rolled_back", payload.key, result)
 
 
 Runner = Callable[[Runtime, Any, WriteMeta], dict[str, Any]]
@@ -81,23 +78,9 @@ def perform(
         return runner(runtime, payload, meta)
     except Exception as error:
         if runtime.policy.is_final(error, retries):
-            _undo(runtime, payload.key, payload.namespace, meta.msg_id)
-        _scrub_in_place(error, runtime.secrets)  # Dramatiq logs it and stores str(error) as the result
+            undo(runtime, payload.key, payload.namespace, meta.msg_id)
+        scrub_in_place(error, runtime.secrets)  # Dramatiq logs it and stores str(error) as the result
         raise
-
-
-def _undo(runtime: Runtime, key: str, namespace: str | None, msg_id: str) -> None:
-    try:
-        if runtime.memories.undo(key, msg_id, namespace=namespace):
-            logger.warning("undid the write of message %s to key %r: it failed for good", msg_id, key)
-    except Exception as error:  # the original failure is the one to report
-        logger.error(
-            "could not finish undoing message %s (%s); run `memsync reconcile`", msg_id, type(error).__name__
-        )
-
-
-def _scrub_in_place(error: BaseException, secrets: list[str]) -> None:
-    error.args = tuple(scrub(arg, secrets) if isinstance(arg, str) else arg for arg in error.args)
 
 
 def _current_meta() -> tuple[WriteMeta, int]:
@@ -111,6 +94,12 @@ def _current_meta() -> tuple[WriteMeta, int]:
 def memory_sync(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """Keep `value` as the key's new version, and its embedding in step when `embed` is true."""
     return perform("MEMORY_SYNC", args, kwargs, *_current_meta())
+
+
+@dramatiq.actor(actor_name="memory_sync_batch", queue_name=state.settings().queue, throws=PERMANENT_ERRORS)
+def memory_sync_batch(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Sync up to 1,000 items at once; a result per item, in order. A retry re-runs only the unfinished."""
+    return perform_batch(args, kwargs, *_current_meta(), message=CurrentMessage.get_current_message())
 
 
 @dramatiq.actor(actor_name="memory_rollback", queue_name=state.settings().queue, throws=PERMANENT_ERRORS)

@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,9 @@ class Result:
     unfiltered_p50_ms: float | None
     largest_collection: int
     short_answers: int
+    first_touch: int
+    first_touch_median_ms: float | None
+    warm_p95_ms: float
 
 
 def shard_of(namespace: str, shards: int) -> int:
@@ -186,11 +189,26 @@ def checked_count(result: QueryResult, namespace: str) -> int:
 
 @dataclass
 class QueryRun:
-    """Latencies (seconds) of the timed queries, short answers, and server RSS after RSS_AFTER_QUERIES."""
+    """The timed queries' latencies (seconds), and server RSS after RSS_AFTER_QUERIES queries.
 
-    latencies: list[float]
+    `first_touch` holds the timed queries that were the first of the run to reach their collection
+    (the server loads a collection's index on its first query), `warm` all the others.
+    """
+
+    warm: list[float] = field(default_factory=list)
+    first_touch: list[float] = field(default_factory=list)
+    touched: set[str] = field(default_factory=set)
     short_answers: int = 0
     rss_mb: float = 0.0
+
+    @property
+    def latencies(self) -> list[float]:
+        return self.warm + self.first_touch
+
+    def record(self, collection: str, elapsed: float, timed: bool) -> None:
+        if timed:
+            (self.warm if collection in self.touched else self.first_touch).append(elapsed)
+        self.touched.add(collection)
 
 
 def run_queries(
@@ -198,15 +216,14 @@ def run_queries(
 ) -> QueryRun:
     rng = np.random.default_rng(SEED + 1)
     picks, vectors = rng.integers(len(names), size=WARMUP + count), unit_vectors(rng, WARMUP + count)
-    run = QueryRun([])
+    run = QueryRun()
     for n, (pick, vector) in enumerate(zip(picks.tolist(), vectors, strict=True)):
         namespace = names[pick]
+        collection = layout.collection(namespace)
         started = time.perf_counter()
-        result = scoped_query(collections[layout.collection(namespace)], layout, namespace, vector)
-        elapsed = time.perf_counter() - started
+        result = scoped_query(collections[collection], layout, namespace, vector)
+        run.record(collection, time.perf_counter() - started, timed=n >= WARMUP)
         run.short_answers += checked_count(result, namespace) < N_RESULTS
-        if n >= WARMUP:
-            run.latencies.append(elapsed)
         if n + 1 == min(RSS_AFTER_QUERIES, WARMUP + count):
             run.rss_mb = server_rss_mb(pid)
     return run
@@ -315,6 +332,9 @@ def _measure_in(data: Path, layout: Layout, names: list[str], queries: int) -> R
         unfiltered_p50_ms=unfiltered,
         largest_collection=largest,
         short_answers=run.short_answers,
+        first_touch=len(run.first_touch),
+        first_touch_median_ms=statistics.median(run.first_touch) * 1000 if run.first_touch else None,
+        warm_p95_ms=percentile_ms(run.warm, 0.95),
     )
 
 
@@ -341,7 +361,8 @@ HEADER = (
 )
 DIAGNOSTICS_HEADER = (
     "| layout | namespaces | vectors in largest collection | unfiltered p50 ms (largest) "
-    "| filtered p50 ms | answers short of 5 |\n|---|---:|---:|---:|---:|---:|"
+    "| filtered p50 ms | first-touch queries (median ms) | p95 ms without them | answers short of 5 |"
+    "\n|---|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
@@ -355,9 +376,11 @@ def row(result: Result) -> str:
 
 def diagnostics_row(result: Result) -> str:
     unfiltered = "-" if result.unfiltered_p50_ms is None else f"{result.unfiltered_p50_ms:.1f}"
+    first_median = result.first_touch_median_ms
+    first_touch = f"{result.first_touch}" + ("" if first_median is None else f" ({first_median:.1f})")
     return (
         f"| {result.layout} | {result.namespaces:,} | {result.largest_collection:,} | {unfiltered} "
-        f"| {result.p50_ms:.1f} | {result.short_answers} |"
+        f"| {result.p50_ms:.1f} | {first_touch} | {result.warm_p95_ms:.1f} | {result.short_answers} |"
     )
 
 

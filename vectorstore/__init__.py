@@ -13,7 +13,7 @@ from vectorstore.errors import (
 from vectorstore.index import IndexEntry, VectorIndex, chroma_client, collection_name
 from vectorstore.local_model import LocalMiniLM
 from vectorstore.search import Hit, InvalidQuery, search
-from vectorstore.sync import Memories
+from vectorstore.sync import ItemResult, Memories, SyncItem
 
 __all__ = [
     "Embedder",
@@ -23,10 +23,12 @@ __all__ = [
     "IndexEntry",
     "IndexUnavailable",
     "InvalidQuery",
+    "ItemResult",
     "LocalMiniLM",
     "LocalModelMissing",
     "Memories",
     "OpenAIEmbedder",
+    "SyncItem",
     "VectorIndex",
     "VectorStoreError",
     "chroma_client",

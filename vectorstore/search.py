@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from kvstore import MemoryStore, Record, check_namespace
 from vectorstore.embedder import Embedder
-from vectorstore.errors import VectorStoreError
+from vectorstore.errors import EmbeddingUnavailable, IndexUnavailable, VectorStoreError
 from vectorstore.index import IndexEntry, VectorIndex
 
 __all__ = ["MAX_K", "Hit", "InvalidQuery", "search"]
 
 MAX_K = 1000
+#: The first pause between two tries of a search step; it doubles, within the retry budget.
+FIRST_PAUSE_MS = 50
+T = TypeVar("T")
 
 
 class InvalidQuery(VectorStoreError):
@@ -39,22 +44,50 @@ def search(
     store: MemoryStore,
     index: VectorIndex,
     embedder: Embedder,
+    retry_budget_ms: int = 2_000,
 ) -> list[Hit]:
     """The `k` current memories of a namespace closest in meaning to `query`, closest first.
 
-    Index entries whose version is not the key's current one, or whose key is gone, are dropped,
-    and the index is asked for more until `k` current hits are found or it has no more.
+    One query embedding, one Chroma query and one Redis read in the common case. Index entries
+    whose version is not the key's current one, or whose key is gone, are dropped, and the index
+    is asked for more until `k` current hits are found or it has no more. An embedding or Chroma
+    failure worth retrying is tried again, with doubling pauses (or the server's Retry-After),
+    until `retry_budget_ms` has passed; then it is raised.
     """
     ns = check_namespace(namespace)
     _check_query(query, k)
-    vector = embedder.embed([query])[0]
+    retry = _Retrying(retry_budget_ms)
+    vector = retry(lambda: embedder.embed([query])[0])
     wanted = k + 10
     while True:
-        entries = index.query(ns, vector, wanted, where)
+        entries = retry(lambda: index.query(ns, vector, wanted, where))
         hits = _current(entries, store.records([e.key for e in entries], namespace=ns), ns)
         if len(hits) >= k or len(entries) < wanted:
             return hits[:k]
         wanted *= 2
+
+
+class _Retrying:
+    """Runs a step again after a transient failure while the search's budget lasts."""
+
+    def __init__(self, budget_ms: int) -> None:
+        self.deadline = time.monotonic() + budget_ms / 1000
+        self.pause_ms = FIRST_PAUSE_MS
+
+    def __call__(self, step: Callable[[], T]) -> T:
+        while True:
+            try:
+                return step()
+            except (EmbeddingUnavailable, IndexUnavailable) as error:
+                pause_s = self._pause_ms(error) / 1000
+                if time.monotonic() + pause_s > self.deadline:
+                    raise
+                time.sleep(pause_s)
+                self.pause_ms *= 2
+
+    def _pause_ms(self, error: Exception) -> int:
+        asked = error.retry_after_ms if isinstance(error, EmbeddingUnavailable) else None
+        return max(self.pause_ms, asked or 0)
 
 
 def _check_query(query: object, k: object) -> None:

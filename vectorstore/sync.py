@@ -109,10 +109,18 @@ class _Batch:
 class Memories:
     """Keeps keys' values in Redis and their vectors in Chroma in step, a batch at a time."""
 
-    def __init__(self, store: MemoryStore, index: VectorIndex, embedder: Embedder) -> None:
+    def __init__(
+        self,
+        store: MemoryStore,
+        index: VectorIndex,
+        embedder: Embedder,
+        *,
+        search_retry_budget_ms: int = 2_000,
+    ) -> None:
         self.store = store
         self.index = index
         self.embedder = embedder
+        self.search_retry_budget_ms = search_retry_budget_ms
 
     # Syncs and rollbacks.
 
@@ -184,7 +192,10 @@ class Memories:
         self, query: str, k: int = 5, namespace: str | None = None, where: dict[str, Any] | None = None
     ) -> list[Hit]:
         """The `k` current memories closest in meaning to `query`; see `vectorstore.search.search`."""
-        return search(query, k, namespace, where, store=self.store, index=self.index, embedder=self.embedder)
+        return search(
+            query, k, namespace, where,
+            store=self.store, index=self.index, embedder=self.embedder, retry_budget_ms=self.search_retry_budget_ms,
+        )  # fmt: skip
 
     # Step 1: check.
 

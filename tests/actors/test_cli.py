@@ -9,6 +9,7 @@ import pytest
 
 from actors import memory_sync, state
 from actors.cli import main
+from kvstore import KeyRef
 from tests.support.embedding_server import EmbeddingServer
 
 

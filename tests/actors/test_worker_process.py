@@ -83,7 +83,8 @@ def test_the_procfile_worker_applies_synced_memories(
     assert [(r["status"], r["key"], r["version"]) for r in results] == [("success", key, 1) for key in values]
     store = state.runtime().store
     assert {key: store.get(key, namespace=namespace) for key in values} == values
-    assert len(embedding_service.embedding_requests) == len(values)
+    requests = embedding_service.embedding_requests  # concurrent syncs may share a request
+    assert sum(request.inputs for request in requests) == len(values) >= len(requests)
     assert not any(still_in_broker(redis_client, message.message_id) for message in messages)
 
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.support.embedding_server import (
@@ -83,13 +84,10 @@ def visible_text(err: BaseException) -> str:
     return " | ".join([str(err), repr(err), *map(str, err.args)])
 
 
-def _rows(vectors: Any) -> list[list[float]]:
-    return [[round(x, 5) for x in row] for row in vectors.tolist()]
-
-
-def _expected(texts: list[str]) -> list[list[float]]:
-    """The test server's vectors, as float32 carries them."""
-    return [[round(x, 5) for x in vector_for(text)] for text in texts]
+def _same_vectors(vectors: Any, texts: list[str]) -> bool:
+    """Whether `vectors` are the test server's vectors of `texts`, in order, as float32 carries them."""
+    expected = np.array([vector_for(text) for text in texts], dtype=np.float32)
+    return bool(vectors.shape == expected.shape and np.allclose(vectors, expected, atol=1e-7))
 
 
 def cosine(a: Sequence[float], b: Sequence[float]) -> float:
@@ -103,7 +101,7 @@ def test_each_text_gets_the_servers_vector_in_input_order(
     embedding_server: EmbeddingServer, embedder_for: EmbedderMaker
 ) -> None:
     texts = ["the cat sat", "stock market news", "a cat"]
-    assert _rows(embedder_for(embedding_server).embed(texts)) == _expected(texts)
+    assert _same_vectors(embedder_for(embedding_server).embed(texts), texts)
 
 
 def test_vectors_keep_input_order_when_the_server_lists_them_out_of_order(
@@ -111,7 +109,7 @@ def test_vectors_keep_input_order_when_the_server_lists_them_out_of_order(
 ) -> None:
     embedding_server.reverse_data = True
     texts = ["first", "second", "third"]
-    assert _rows(embedder_for(embedding_server).embed(texts)) == _expected(texts)
+    assert _same_vectors(embedder_for(embedding_server).embed(texts), texts)
 
 
 def test_texts_that_share_words_come_back_closer_than_texts_that_share_none(
@@ -154,7 +152,7 @@ def test_more_than_2048_texts_are_split_into_requests_of_at_most_2048(
     texts = [f"memory number {i}" for i in range(MAX_INPUTS_PER_REQUEST + 1)]
     vectors = embedder_for(embedding_server).embed(texts)
     assert [request.inputs for request in embedding_server.embedding_requests] == [2048, 1]
-    assert _rows(vectors) == _expected(texts)
+    assert _same_vectors(vectors, texts)
 
 
 def test_no_texts_make_no_request(embedding_server: EmbeddingServer, embedder_for: EmbedderMaker) -> None:
@@ -175,7 +173,7 @@ def test_a_server_that_requires_the_key_accepts_the_right_one(
     embedding_server_factory: EmbeddingServerFactory, embedder_for: EmbedderMaker
 ) -> None:
     server = embedding_server_factory(api_key=SENTINEL)
-    assert _rows(embedder_for(server).embed(["hello"])) == _expected(["hello"])
+    assert _same_vectors(embedder_for(server).embed(["hello"]), ["hello"])
 
 
 # --- transient failures: EmbeddingUnavailable ----------------------------------------------------
