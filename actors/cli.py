@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TextIO
 
 import redis
 
@@ -17,9 +19,12 @@ from actors import state
 from actors.demo import run_demo
 from actors.errors import MemsyncError
 from actors.local import local_stack
+from actors.payloads import MAX_BATCH_ITEMS
+from actors.transfer import Bar, NoWorker, export_lines, import_lines, read_lines, workers_alive
 from kvstore import KVStoreError
 from settings import SettingsError
 from vectorstore import VectorStoreError
+from vectorstore.migrate import migrate_legacy
 from vectorstore.reconcile import reconcile
 
 __all__ = ["main"]
@@ -36,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MemsyncError, KVStoreError, VectorStoreError, SettingsError) as error:
         print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader went away (`memsync export | head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except redis.RedisError as error:  # only its type: redis-py's text may name the host
         print(f"error: Redis is unreachable ({type(error).__name__}); is REDIS_URL right?", file=sys.stderr)
         return 1
@@ -63,7 +71,22 @@ def _parser() -> argparse.ArgumentParser:
     recon.add_argument("--dry-run", action="store_true", help="report, change nothing")
     recon.set_defaults(command=_reconcile)
     _dlq_commands(sub.add_parser("dlq", help="dead-lettered messages").add_subparsers(title="dlq commands"))
+    _transfer_commands(sub)
+    migrate = _with_json(sub.add_parser("migrate-index", help="carry per-namespace collections into shards"))
+    migrate.set_defaults(command=_migrate_index)
     return parser
+
+
+def _transfer_commands(sub: Any) -> None:
+    imp = _with_json(sub.add_parser("import", help="sync memories from JSON Lines (FILE, or - for stdin)"))
+    imp.add_argument("file")
+    imp.add_argument("--batch-size", type=int, default=500, help="items per batch message (at most 1000)")
+    imp.add_argument("--in-process", action="store_true", help="run the batches here, not on the workers")
+    imp.set_defaults(command=_import)
+    exp = sub.add_parser("export", help="write current memories as JSON Lines that import reads back")
+    exp.add_argument("--namespace", action="append", help="only these namespaces (repeatable)")
+    exp.add_argument("-o", "--output", help="a file to write (default: stdout)")
+    exp.set_defaults(command=_export)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -141,6 +164,75 @@ def _reconcile(args: argparse.Namespace) -> int:
         lambda r: f"{r['namespace']}: missing {r['missing']}, stale {r['stale']}, orphan {r['orphan']}",
     )
     return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    if not 1 <= args.batch_size <= MAX_BATCH_ITEMS:
+        print(f"error: --batch-size must be from 1 to {MAX_BATCH_ITEMS}", file=sys.stderr)
+        return 2
+    runtime = state.runtime()
+    if not args.in_process and workers_alive(runtime) == 0:
+        raise NoWorker(
+            "no worker is running: start one (the Procfile's worker, or `memsync up`), or use --in-process"
+        )
+    with _opened(args.file) as source:
+        total = None if args.file == "-" else _count_lines(source)
+        bar = Bar(total) if sys.stderr.isatty() and not args.json else None
+        summary = import_lines(
+            read_lines(source), runtime, batch_size=args.batch_size, in_process=args.in_process, progress=bar
+        )
+    if bar is not None:
+        bar.close()
+    _print_summary(args, summary.as_dict())
+    return 1 if summary.counts["failed"] else 0
+
+
+def _print_summary(args: argparse.Namespace, summary: dict[str, Any]) -> None:
+    if args.json:
+        print(json.dumps(summary))
+        return
+    counts = ", ".join(
+        f"{name} {summary[name]}" for name in ("applied", "unchanged", "duplicate", "stale", "failed")
+    )
+    print(counts)
+    for failure in summary["failures"]:
+        print(f"  {failure}")
+
+
+def _export(args: argparse.Namespace) -> int:
+    runtime = state.runtime()
+    if args.output is None:
+        written = export_lines(runtime, args.namespace, sys.stdout)
+    else:
+        with open(args.output, "w", encoding="utf-8") as out:
+            written = export_lines(runtime, args.namespace, out)
+    print(f"exported {written} memories", file=sys.stderr)
+    return 0
+
+
+def _migrate_index(args: argparse.Namespace) -> int:
+    migrated = migrate_legacy(state.runtime().memories.index)
+    rows = [{"namespace": m.namespace, "vectors": m.vectors} for m in migrated]
+    _emit(args, rows, lambda r: f"{r['namespace']}: {r['vectors']} vectors carried over")
+    if not rows and not args.json:
+        print("nothing to migrate: no per-namespace collection of this model")
+    return 0
+
+
+def _count_lines(source: TextIO) -> int:
+    """How many non-blank lines a file has, for the progress bar's ETA; the file is rewound."""
+    total = sum(1 for line in source if line.strip())
+    source.seek(0)
+    return total
+
+
+@contextmanager
+def _opened(name: str) -> Iterator[TextIO]:
+    if name == "-":
+        yield sys.stdin
+        return
+    with open(name, encoding="utf-8") as source:
+        yield source
 
 
 def _dlq_list(args: argparse.Namespace) -> int:

@@ -41,6 +41,7 @@ __all__ = [
     "chroma_answers",
     "chroma_client",
     "collection_name",
+    "translated",
     "vector_ids",
 ]
 
@@ -98,7 +99,7 @@ def chroma_client(url: str | None, path: str | None = None) -> ClientAPI:
         raise IndexUnavailable("CHROMA_URL must look like http://host:port")
     ssl = parts.scheme == "https"
     try:
-        with _translated():
+        with translated():
             return chromadb.HttpClient(
                 host=parts.hostname, port=parts.port or (443 if ssl else 8000), ssl=ssl
             )
@@ -214,7 +215,7 @@ class VectorIndex:
     def drop_all(self) -> None:
         """Delete every shard collection of this model, dimensions and shard count."""
         for shard in range(self.shards):
-            with _translated(), self._lock, suppress(NotFoundError, ValueError):
+            with translated(), self._lock, suppress(NotFoundError, ValueError):
                 self._collections.pop(shard, None)
                 self.client.delete_collection(self._name(shard))
 
@@ -228,7 +229,7 @@ class VectorIndex:
 
     def _existing_shards(self) -> list[int]:
         names = {self._name(shard): shard for shard in range(self.shards)}
-        with _translated():
+        with translated():
             collections = self.client.list_collections()
         return sorted(names[c.name] for c in collections if c.name in names)
 
@@ -245,7 +246,7 @@ class VectorIndex:
         return groups
 
     def _call(self, shard: int, operation: Callable[[Collection], T]) -> T:
-        with _translated():
+        with translated():
             try:
                 return operation(self._collection(shard))
             except NotFoundError:
@@ -320,7 +321,8 @@ def _digest(text: str) -> str:
 
 
 @contextmanager
-def _translated() -> Iterator[None]:
+def translated() -> Iterator[None]:
+    """Turn Chroma's and httpx's failures into IndexUnavailable (a missing collection is left as is)."""
     try:
         yield
     except NotFoundError:

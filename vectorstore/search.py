@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ def search(
     vector = retry(lambda: embedder.embed([query])[0])
     wanted = k + 10
     while True:
-        entries = retry(lambda: index.query(ns, vector, wanted, where))
+        entries = retry(functools.partial(index.query, ns, vector, wanted, where))
         hits = _current(entries, store.records([e.key for e in entries], namespace=ns), ns)
         if len(hits) >= k or len(entries) < wanted:
             return hits[:k]

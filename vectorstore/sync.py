@@ -192,10 +192,17 @@ class Memories:
         self, query: str, k: int = 5, namespace: str | None = None, where: dict[str, Any] | None = None
     ) -> list[Hit]:
         """The `k` current memories closest in meaning to `query`; see `vectorstore.search.search`."""
+        budget = self.search_retry_budget_ms
         return search(
-            query, k, namespace, where,
-            store=self.store, index=self.index, embedder=self.embedder, retry_budget_ms=self.search_retry_budget_ms,
-        )  # fmt: skip
+            query,
+            k,
+            namespace,
+            where,
+            store=self.store,
+            index=self.index,
+            embedder=self.embedder,
+            retry_budget_ms=budget,
+        )
 
     # Step 1: check.
 
