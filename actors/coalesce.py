@@ -34,7 +34,8 @@ class _Group:
 class Coalescer:
     """Runs single syncs in shared batches of at most `max_items`, gathered for up to `window_ms`.
 
-    With `window_ms` 0, every sync is a batch of its own.
+    With `window_ms` 0, every sync is a batch of its own; so is every sync without `embed`, which
+    has no embedding request or Chroma upsert to share and would only wait for the window.
     """
 
     def __init__(self, run: BatchRunner, *, window_ms: int, max_items: int) -> None:
@@ -46,7 +47,7 @@ class Coalescer:
 
     def sync(self, item: SyncItem) -> WriteResult:
         """Sync one item, in a batch with whatever other threads sync meanwhile; its own result."""
-        if self.window_ms <= 0:
+        if self.window_ms <= 0 or not item.embed:  # a plain sync has no request or upsert to share
             return _raised(self.run([item])[0])
         group, position, leads = self._join(item)
         if leads:

@@ -1,0 +1,1 @@
+"""Benchmarks of memsync, run from the repository root (see BENCHMARKS.md)."""
