@@ -26,8 +26,8 @@
 -- when this call took it, "busy" when the index has work for the key but another holder has the lock,
 -- "" when the index has nothing to do or no token was given); and the head's fields after the call.
 -- The index has work for an applied write whose new version is embedded or whose previous one was;
--- for a duplicate (its index step may not have run); and for an unchanged embedded value (the step of
--- the write that made it may not have run).
+-- for a duplicate of such a write (its index step may not have run); and for an unchanged embedded
+-- value (the step of the write that made it may not have run).
 -- A message whose id wrote the current version, or that was sent before the message that did
 -- (ties broken by id), changes nothing.
 
@@ -46,11 +46,20 @@ end
 local head = as_map(redis.call("HGETALL", head_key))
 local had_vector = head.embed == "1" and head.value ~= nil
 
+-- Whether the version before the current one was embedded (its vector may still need removing).
+local function previous_embedded()
+    local previous = redis.call("LINDEX", hist_key, 0)
+    if not previous then return false end
+    local old = cjson.decode(previous)
+    return old.embed == "1" and old.value ~= nil
+end
+
 local function lock_for(outcome)
     if token == "" or outcome == "stale" then return "" end
     local embedded = redis.call("HGET", head_key, "embed") == "1"
     if outcome == "applied" and not (embedded or had_vector) then return "" end
     if outcome == "unchanged" and not embedded then return "" end
+    if outcome == "duplicate" and not (embedded or previous_embedded()) then return "" end
     if redis.call("SET", lock_key, token, "NX", "PX", lock_ttl) then return "held" end
     return "busy"
 end
