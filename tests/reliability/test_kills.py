@@ -13,18 +13,20 @@ from __future__ import annotations
 import random
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
-import actors  # noqa: F401  (builds the broker the messages go through)
+import actors
 from actors import state
 from kvstore import Keys
 from tests.reliability.conftest import Report
-from tests.reliability.invariants import check_invariants
+from tests.reliability.invariants import Expectation, check_invariants
 from tests.reliability.workload import (
     BrokerView,
     Chains,
@@ -237,4 +239,60 @@ def test_a_worker_killed_inside_the_index_step_has_its_message_done_again_within
     assert back_s < REDELIVERY_DEADLINE_S, (
         f"done again {back_s:.1f} s after the kill: the key's index lock, left by the killed worker, "
         f"kept the key locked for {lock_left_s:.1f} s more"
+    )
+
+
+BATCHES = 12
+BATCH_ITEMS = 25
+BATCH_KILLS = 4
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_killed_in_the_middle_of_batches_applies_every_item_once(
+    embedding_service: EmbeddingServer,
+    redis_client: redis.Redis,
+    namespace: str,
+    worker_logs: Path,
+    reliability_report: Report,
+) -> None:
+    """Batch messages of embedded items, the worker killed at random moments: each item ends at v1."""
+    rng = random.Random(SEED + 1)
+    embedding_service.latency_ms = EMBEDDING_LATENCY_MS
+    expected = Expectation(namespace)
+    messages = []
+    for batch in range(BATCHES):
+        items: list[dict[str, Any]] = [
+            {
+                "key": f"b{batch}-{n}",
+                "value": f"batch {batch} memory {n}",
+                "embed": n % 5 != 0,
+                "namespace": namespace,
+            }
+            for n in range(BATCH_ITEMS)
+        ]
+        for item in items:
+            expected.sync(item["key"], item["value"], embed=item["embed"])
+        messages.append(actors.memory_sync_batch.send(items=items))
+    for number in range(BATCH_KILLS):
+        with running_worker(None, worker_logs / f"killed-{number}.log") as worker:
+            seen = len(embedding_service.embedding_requests)
+            wait_until(lambda: len(embedding_service.embedding_requests) > seen, 60, "the worker to embed")  # noqa: B023
+            time.sleep(rng.uniform(*KILL_AFTER_S))
+            signal_group(worker, signal.SIGKILL)
+    with running_worker(None, worker_logs / "last.log"):
+        results = [message.get_result(block=True, timeout=120_000) for message in messages]
+
+    outcomes = Counter(item["outcome"] for result in results for item in result["results"])
+    assert set(outcomes) <= {"applied", "duplicate"}, outcomes
+    assert sum(outcomes.values()) == BATCHES * BATCH_ITEMS
+    runtime = state.runtime()
+    checked = check_invariants(runtime.memories, runtime.dead_letters, expected)
+    versions = {runtime.store.record(key, namespace=namespace).version for key in expected.keys}  # type: ignore[union-attr]
+    assert versions == {1}, "an item was applied twice"
+    reliability_report(
+        "1b. kill -9 in the middle of batches",
+        f"{BATCHES} batch messages of {BATCH_ITEMS} items (4 in 5 embedded), {BATCH_KILLS} kills at random "
+        "moments after the worker's first embedding request",
+        f"every item applied once (all at version 1; {outcomes['duplicate']} reported as duplicates after "
+        f"a redelivery); invariants {checked}",
     )
