@@ -72,7 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     recon.set_defaults(command=_reconcile)
     _dlq_commands(sub.add_parser("dlq", help="dead-lettered messages").add_subparsers(title="dlq commands"))
     _transfer_commands(sub)
-    migrate = _with_json(sub.add_parser("migrate-index", help="carry per-namespace collections into shards"))
+    migrate = _with_json(
+        sub.add_parser("migrate-index", help="carry vectors of an older layout into the shards")
+    )
     migrate.set_defaults(command=_migrate_index)
     return parser
 
@@ -212,10 +214,10 @@ def _export(args: argparse.Namespace) -> int:
 
 def _migrate_index(args: argparse.Namespace) -> int:
     migrated = migrate_legacy(state.runtime().memories.index)
-    rows = [{"namespace": m.namespace, "vectors": m.vectors} for m in migrated]
-    _emit(args, rows, lambda r: f"{r['namespace']}: {r['vectors']} vectors carried over")
+    rows = [{"collection": m.collection, "vectors": m.vectors} for m in migrated]
+    _emit(args, rows, lambda r: f"{r['collection']}: {r['vectors']} vectors carried over")
     if not rows and not args.json:
-        print("nothing to migrate: no per-namespace collection of this model")
+        print("nothing to migrate: every collection of this model is in the current layout")
     return 0
 
 

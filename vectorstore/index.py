@@ -41,6 +41,7 @@ __all__ = [
     "chroma_answers",
     "chroma_client",
     "collection_name",
+    "shard_name",
     "translated",
     "vector_ids",
 ]
@@ -263,7 +264,12 @@ class VectorIndex:
         return shard_name(self.prefix, self.model, self.dimensions, shard, self.shards)
 
     def _open(self, shard: int) -> Collection:
-        metadata: Any = {"shard": shard, "model": self.model, "dimensions": self.dimensions or 0}
+        metadata: Any = {
+            "shard": shard,
+            "shards": self.shards,
+            "model": self.model,
+            "dimensions": self.dimensions or 0,
+        }
         return self.client.get_or_create_collection(
             name=self._name(shard),
             metadata=metadata,

@@ -15,6 +15,7 @@ from actors import state
 from actors.cli import main
 from kvstore import KeyRef
 from tests.support.embedding_server import EmbeddingServer, vector_for
+from vectorstore import IndexEntry, VectorIndex
 from vectorstore.index import collection_name
 
 
@@ -127,13 +128,31 @@ def test_per_namespace_collections_are_carried_into_the_shards(
             {"key": "k1", "namespace": namespace, "version": 1, "hash": _hash("a stock trader")},
         ],
     )
-    assert _run_json(capsys, ["migrate-index"]) == [{"namespace": namespace, "vectors": 2}]
+    assert _run_json(capsys, ["migrate-index"]) == [{"collection": old.name, "vectors": 2}]
     assert old.name not in [c.name for c in index.client.list_collections()]
     assert set(index.stored([KeyRef(namespace, "k0"), KeyRef(namespace, "k1")])) == {
         KeyRef(namespace, "k0"), KeyRef(namespace, "k1"),
     }  # fmt: skip
     assert [hit.key for hit in memories.search("cat", k=1, namespace=namespace)] == ["k0"]
     assert _run_json(capsys, ["migrate-index"]) == []
+
+
+def test_vectors_of_another_shard_count_are_carried_into_the_current_shards(
+    capsys: pytest.CaptureFixture[str], namespace: str
+) -> None:
+    memories = state.runtime().memories
+    current = memories.index
+    other = VectorIndex(
+        current.client, model=current.model, dimensions=current.dimensions, prefix=current.prefix, shards=3
+    )
+    memories.store.set(
+        "pet", "a black cat", namespace=namespace, embed=True, content_hash=_hash("a black cat")
+    )
+    other.upsert([IndexEntry(namespace, "pet", 1, _hash("a black cat"))], [vector_for("a black cat")])
+    rows = _run_json(capsys, ["migrate-index"])
+    assert [row["vectors"] for row in rows] == [1]
+    assert [hit.key for hit in memories.search("cat", k=1, namespace=namespace)] == ["pet"]
+    assert other.namespaces() == []
 
 
 def _hash(text: str) -> str:
