@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     heartbeat_timeout_ms: int = Field(10_000, alias="MEMSYNC_HEARTBEAT_TIMEOUT_MS", ge=1_000)
     maintenance_chance: int = Field(500_000, alias="MEMSYNC_MAINTENANCE_CHANCE", ge=1, le=1_000_000)
     time_limit_ms: int = Field(120_000, alias="MEMSYNC_TIME_LIMIT_MS", gt=0)
-    index_shards: int = Field(32, alias="MEMSYNC_INDEX_SHARDS", ge=1, le=4096)
+    index_shards: int = Field(16, alias="MEMSYNC_INDEX_SHARDS", ge=1, le=4096)
     coalesce_ms: int = Field(5, alias="MEMSYNC_COALESCE_MS", ge=0, le=1000)
     coalesce_max: int = Field(256, alias="MEMSYNC_COALESCE_MAX", ge=1, le=2048)
     search_retry_budget_ms: int = Field(2_000, alias="MEMSYNC_SEARCH_RETRY_BUDGET_MS", ge=0, le=60_000)

@@ -46,6 +46,8 @@ LATENCY_MS = 50
 PROCESSES, THREADS = 2, 8
 PLAIN_MESSAGES = 2000
 SEARCHES = 200
+#: The memories of (c) belong to this many namespaces (users), as in a bulk load of many users' memories.
+NAMESPACES = 10
 MARKER_START, MARKER_END = "<!-- bench_sync:start -->", "<!-- bench_sync:end -->"
 
 
@@ -160,7 +162,9 @@ class Bench:
         tag = f"single-{coalesce_ms}"
 
         def send(n: int) -> Any:
-            return memory_sync.send(key=f"m{n}", value=_text(n), embed=True, namespace=f"{tag}-{n % 100}")
+            return memory_sync.send(
+                key=f"m{n}", value=_text(n), embed=True, namespace=f"{tag}-{n % NAMESPACES}"
+            )
 
         name = f"(c) single sends, coalescing {'on' if coalesce_ms else 'off'}"
         with self._worker(MEMSYNC_COALESCE_MS=str(coalesce_ms)) as worker:
@@ -171,7 +175,7 @@ class Bench:
 
         def items(start: int) -> list[dict[str, Any]]:
             return [
-                {"key": f"m{n}", "value": _text(n), "embed": True, "namespace": f"batch-{n % 100}"}
+                {"key": f"m{n}", "value": _text(n), "embed": True, "namespace": f"batch-{n % NAMESPACES}"}
                 for n in range(start, min(start + size, self.memories))
             ]
 
@@ -190,7 +194,10 @@ class Bench:
         from actors.transfer import import_lines
 
         lines = [
-            (n + 1, {"key": f"m{n}", "value": _text(n), "embed": True, "namespace": f"import-{n % 100}"})
+            (
+                n + 1,
+                {"key": f"m{n}", "value": _text(n), "embed": True, "namespace": f"import-{n % NAMESPACES}"},
+            )
             for n in range(self.memories)
         ]
         with self._worker() as worker:
@@ -204,21 +211,37 @@ class Bench:
     # (d)
 
     def _chroma_ceiling(self) -> Row:
+        """Chroma's own batched upsert of the same vectors into one fresh collection, 500 a call."""
+        import chromadb
+        import numpy as np
+
         from actors import state
 
-        memories = state.runtime().memories
-        vectors = memories.embedder.embed([_text(n) for n in range(self.memories)])
-        self.server.clear_log()
-        from vectorstore import IndexEntry
-
-        entries = [IndexEntry(f"ceiling-{n % 100}", f"m{n}", 1, "h") for n in range(self.memories)]
+        vectors = state.runtime().memories.embedder.embed([_text(n) for n in range(self.memories)])
+        host, port = self.chroma.url.rsplit("//", 1)[1].split(":")
+        client = chromadb.HttpClient(host=host, port=int(port))
+        collection = client.create_collection(
+            f"ceiling-{uuid.uuid4().hex[:8]}",
+            configuration={"hnsw": {"space": "cosine"}},
+            embedding_function=None,
+        )
+        ids = [f"m{n}" for n in range(self.memories)]
+        metadatas: Any = [
+            {"key": i, "namespace": f"ns-{n % NAMESPACES}", "version": 1, "hash": "h"}
+            for n, i in enumerate(ids)
+        ]
         chroma_before = _tree_cpu_s(self.chroma.process.pid)
         started = time.perf_counter()
-        for start in range(0, len(entries), 500):
-            memories.index.upsert(entries[start : start + 500], vectors[start : start + 500])
+        for start in range(0, len(ids), 500):
+            batch: Any = np.asarray(vectors[start : start + 500])
+            collection.upsert(
+                ids=ids[start : start + 500], embeddings=batch, metadatas=metadatas[start : start + 500]
+            )
         seconds = time.perf_counter() - started
         chroma = _tree_cpu_s(self.chroma.process.pid) - chroma_before
-        return Row("(d) Chroma's batched upsert, 500 a call", self.memories, seconds, None, None, chroma)
+        return Row(
+            "(d) Chroma's own upsert, one collection, 500 a call", self.memories, seconds, None, None, chroma
+        )
 
     # (e)
 
@@ -419,7 +442,8 @@ def _report(
         f"Machine: {os.cpu_count()} cores ({platform.machine()}), Python {platform.python_version()}; "
         f"load average before the run {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}.",
         f"Worker: `dramatiq actors`, {PROCESSES} processes x {THREADS} threads; embeddings of {DIMS} "
-        f"dimensions from the test server, {LATENCY_MS} ms per request for (c), (d) and (f).",
+        f"dimensions from the test server, {LATENCY_MS} ms per request for (c), (d) and (f); the memories of (c) "
+        f"in {NAMESPACES} namespaces; the index in {_shards()} shards.",
         "",
         "| run | memories | memories/s | ratio | embedding requests per 1,000 "
         "| worker CPU ms/memory | Chroma CPU ms/memory |",
@@ -440,6 +464,12 @@ def _report(
     if peers:
         lines += _peer_lines(peers, rows)
     return lines
+
+
+def _shards() -> int:
+    from actors import state
+
+    return state.settings().index_shards
 
 
 def _line(row: Row, ratio: str) -> str:

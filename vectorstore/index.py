@@ -50,7 +50,7 @@ T = TypeVar("T")
 #: Vectors as one float32 row each, as they come from the embedders and go to Chroma.
 Vectors = npt.NDArray[np.float32]
 #: Shard collections per (model, dimensions) unless told otherwise.
-DEFAULT_SHARDS = 32
+DEFAULT_SHARDS = 16
 _SAFE_NAMESPACE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PAGE = 1000
 

@@ -24,6 +24,7 @@ from kvstore import MemoryStore, WriteResult
 from tests.conftest import API_KEY
 from tests.support.embedding_server import EmbeddingServer
 from vectorstore import (
+    Embedder,
     EmbeddingRejected,
     EmbeddingUnavailable,
     Memories,
@@ -54,21 +55,19 @@ class RefusingEmbedder:
     does; Memories itself never sends one, so this is how a sync meets an input the server refuses.
     """
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Embedder) -> None:
         self.inner = inner
 
     @property
     def model(self) -> str:
-        return str(self.inner.model)
+        return self.inner.model
 
     @property
     def dimensions(self) -> int | None:
-        dimensions: int | None = self.inner.dimensions
-        return dimensions
+        return self.inner.dimensions
 
     def embed(self, texts: Sequence[str]) -> Vectors:
-        vectors: Vectors = self.inner.embed(["" if REFUSED in text else text for text in texts])
-        return vectors
+        return self.inner.embed(["" if REFUSED in text else text for text in texts])
 
 
 def _eight_threads() -> dramatiq.Worker:
@@ -267,6 +266,31 @@ def test_a_coalescer_with_a_window_of_zero_runs_every_sync_as_a_batch_of_one(
     outcomes = _together(coalescer, _items(6))
     assert _keys(outcomes) == [f"k-{n}" for n in range(6)]
     assert [r.inputs for r in embedding_service.embedding_requests] == [1] * 6
+
+
+def test_a_plain_sync_runs_at_once_without_waiting_for_the_window(
+    memories: Memories, embedding_service: EmbeddingServer
+) -> None:
+    coalescer = Coalescer(memories.sync_many, window_ms=5_000, max_items=100)
+    started = time.monotonic()
+    result = coalescer.sync(SyncItem("prefs", {"theme": "dark"}))
+    assert time.monotonic() - started < 2.0
+    assert result.current is not None and (result.current.value, result.current.version) == (
+        {"theme": "dark"},
+        1,
+    )
+    assert embedding_service.embedding_requests == []
+
+
+def test_a_lone_embedded_sync_waits_for_the_window_then_runs_alone(
+    memories: Memories, embedding_service: EmbeddingServer
+) -> None:
+    coalescer = Coalescer(memories.sync_many, window_ms=300, max_items=100)
+    started = time.monotonic()
+    result = coalescer.sync(SyncItem("pet", _text(0), embed=True))
+    assert time.monotonic() - started >= 0.29
+    assert result.current is not None and result.current.version == 1
+    assert [r.inputs for r in embedding_service.embedding_requests] == [1]
 
 
 def test_a_coalescer_closes_a_group_at_max_items_without_waiting_for_the_window(

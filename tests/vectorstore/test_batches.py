@@ -277,6 +277,69 @@ def test_an_item_older_than_the_keys_current_writer_is_stale_and_not_embedded(
     assert _entry(memories, "pet") == IndexEntry(NS, "pet", 1, content_hash("the user has a dog"))
 
 
+def test_a_redelivered_batch_finishes_the_index_steps_its_first_delivery_left_undone(
+    memories: Memories, embedding_service: EmbeddingServer
+) -> None:
+    memories.sync("pet", "the user has a cat", embed=True)
+    memories.sync("note", "the user has a parrot", embed=True)
+    message = WriteMeta("batch-msg", 10**13)
+    items = [
+        SyncItem("pet", "the user has a dog", embed=True, meta=message.item(0)),
+        SyncItem("note", "no longer searchable", meta=message.item(1)),
+        SyncItem("fresh", "the user has a hamster", embed=True, meta=message.item(2)),
+    ]
+    # The first delivery wrote Redis, then its worker died before the index step.
+    for item in items:
+        text_hash = content_hash(item.value) if item.embed else ""
+        memories.store.set(item.key, item.value, embed=item.embed, content_hash=text_hash, meta=item.meta)
+    before = len(embedding_service.embedding_requests)
+
+    results = memories.sync_many(items)
+
+    assert _outcomes(results) == ["duplicate"] * 3
+    assert _versions(results) == [2, 2, 1]
+    assert _inputs_since(embedding_service, before) == [2]  # "dog" and "hamster", in one request
+    assert _entry(memories, "pet") == IndexEntry(NS, "pet", 2, content_hash("the user has a dog"))
+    assert _entry(memories, "note") is None
+    assert _entry(memories, "fresh") == IndexEntry(NS, "fresh", 1, content_hash("the user has a hamster"))
+
+
+def _sharing_a_shard(index: VectorIndex, count: int) -> list[str]:
+    """`count` namespaces whose vectors live in one shard collection, and one that lives elsewhere."""
+    names = (f"user-{n}" for n in range(10_000))
+    first = next(names)
+    same = [first, *(ns for ns in names if index.shard_of(ns) == index.shard_of(first))][:count]
+    other = next(
+        ns for ns in (f"team-{n}" for n in range(10_000)) if index.shard_of(ns) != index.shard_of(first)
+    )
+    return [*same, other]
+
+
+def test_one_key_in_several_namespaces_of_a_batch_stays_apart(memories: Memories) -> None:
+    namespaces = _sharing_a_shard(memories.index, 3)
+    results = memories.sync_many(
+        [SyncItem("pet", f"the user has a {ANIMALS[n]}", ns, embed=True) for n, ns in enumerate(namespaces)]
+    )
+    assert [(_record(r).namespace, _record(r).version) for r in results] == [(ns, 1) for ns in namespaces]
+    for n, ns in enumerate(namespaces):
+        hits = memories.search("cat", k=5, namespace=ns)
+        assert [(hit.key, hit.value, hit.namespace) for hit in hits] == [
+            ("pet", f"the user has a {ANIMALS[n]}", ns)
+        ]
+
+
+def test_each_item_of_a_batch_keeps_its_own_time_to_live(memories: Memories) -> None:
+    memories.sync_many(
+        [
+            SyncItem("short", "the user has a cat", embed=True, ttl_ms=60_000),
+            SyncItem("forever", "the user has a dog", embed=True),
+        ]
+    )
+    client, keys = memories.store.client, memories.store.keys_of
+    assert 0 < client.pttl(keys.head(NS, "short")) <= 60_000
+    assert client.pttl(keys.head(NS, "forever")) == -1
+
+
 # Embedding failures.
 
 
