@@ -8,6 +8,8 @@ Layouts, each through its own `chroma run` server on a fresh data directory:
 
 Every namespace holds 10 random unit vectors of 384 dimensions (fixed seed), with the metadata
 memsync writes (key, namespace, version, hash). Memory is the VmRSS of the server and its children.
+A second table splits out the first query to reach each collection (the server loads a collection
+lazily, so those cost more) and the unfiltered query time, to show what the filter itself costs.
 
 Run: python bench/bench_layout.py [--shards 1,16,64] [--namespaces 10,1000,10000]
 (writes nothing outside temporary directories, which it removes)
