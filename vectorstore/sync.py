@@ -82,8 +82,8 @@ class _Pending:
 
     position: int
     write: Write
-    text: str = ""
-    vector: Vectors | None = None  # the embedding of `text`, once made
+    text: str = ""  # the text still to embed; "" when nothing is (not embedded, or the index has it)
+    vector: Vectors | None = None  # the embedding of the item's text, once made
     result: WriteResult | None = None
 
     @property
@@ -226,7 +226,7 @@ class Memories:
     # Step 2: look.
 
     def _look(self, batch: _Batch, pending: list[_Pending]) -> list[_Pending]:
-        """Answer items already overtaken; give `vector=None` and drop from embedding those the index has."""
+        """Answer the items a newer message already overtook; clear the text of those the index holds."""
         embedded = [item for item in pending if item.write.embed]
         try:
             currents = self.store.records_of([item.ref for item in embedded])
