@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import dramatiq
@@ -14,6 +16,8 @@ from actors import memory_sync_batch, state
 from actors.payloads import MAX_BATCH_ITEMS
 from kvstore import MemoryStore
 from tests.support.embedding_server import EmbeddingServer
+from tests.support.services import start_chroma
+from vectorstore import VectorIndex, chroma_client
 
 WAIT_MS = 20_000
 NO_FAILURES = {"applied": 0, "unchanged": 0, "duplicate": 0, "stale": 0, "failed": 0}
@@ -38,6 +42,20 @@ def _mixed_items(namespace: str) -> list[dict[str, Any]]:
         {"key": "lang", "value": "en", "namespace": namespace},
         {"key": "pet-2", "value": "the user has a parrot", "embed": True, "namespace": namespace},
     ]
+
+
+@pytest.fixture
+def chroma_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The workers' index on a `chroma run` of this test's own, stopped: every index step fails."""
+    own = start_chroma(tmp_path / "chroma")
+    memories = state.runtime().memories
+    live = memories.index
+    index = VectorIndex(
+        chroma_client(own.url), model=live.model, dimensions=live.dimensions, prefix=live.prefix
+    )
+    own.stop()
+    monkeypatch.setattr(memories, "index", index)
+    yield
 
 
 def _summary(results: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
@@ -175,6 +193,30 @@ def test_a_batch_that_runs_out_of_retries_keeps_its_finished_items_and_nothing_o
     assert store.keys(namespace=namespace) == ["lang", "prefs"]
     for key in ("lang", "prefs"):
         assert store.history(key, namespace=namespace) == []
+
+
+def test_a_batch_whose_index_step_fails_for_good_takes_back_the_writes_of_its_unfinished_items(
+    worker: dramatiq.Worker,
+    namespace: str,
+    store: MemoryStore,
+    embedding_service: EmbeddingServer,
+    chroma_down: None,
+) -> None:
+    store.set("pet-1", "an older note", namespace=namespace)
+    message = memory_sync_batch.send(items=_mixed_items(namespace))
+
+    assert "IndexUnavailable" in _failure(message)
+    letter = state.runtime().dead_letters.get(message.message_id)
+    assert letter is not None and letter.retries == 3 and "Chroma" in letter.reason
+    assert len(embedding_service.embedding_requests) == 4  # every attempt embedded, then could not index
+    # The embedded items wrote Redis on every attempt; failing for good, they are taken back.
+    assert store.record("pet-0", namespace=namespace) is None
+    assert store.record("pet-2", namespace=namespace) is None
+    pet_1 = store.record("pet-1", namespace=namespace)
+    assert pet_1 is not None and (pet_1.value, pet_1.version) == ("an older note", 1)
+    assert store.history("pet-1", namespace=namespace) == []
+    # The plain items had nothing to index: they finished on the first attempt and stay.
+    assert store.keys(namespace=namespace) == ["lang", "pet-1", "prefs"]
 
 
 def test_a_batch_delivered_twice_has_the_effect_of_one(

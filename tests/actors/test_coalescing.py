@@ -176,7 +176,7 @@ def test_an_input_the_server_refuses_fails_its_own_message_alone_in_a_shared_bat
     assert sorted(store.keys(namespace=namespace)) == sorted(f"k-{n}" for n in range(12))
 
 
-def test_an_empty_text_fails_its_own_message_alone_in_a_shared_batch(
+def test_an_empty_text_fails_its_own_message_alone_among_concurrent_syncs(
     start_worker: Callable[[], dramatiq.Worker],
     namespace: str,
     store: MemoryStore,
