@@ -442,8 +442,8 @@ def _report(
         f"Machine: {os.cpu_count()} cores ({platform.machine()}), Python {platform.python_version()}; "
         f"load average before the run {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}.",
         f"Worker: `dramatiq actors`, {PROCESSES} processes x {THREADS} threads; embeddings of {DIMS} "
-        f"dimensions from the test server, {LATENCY_MS} ms per request for (c), (d) and (f); the memories of (c) "
-        f"in {NAMESPACES} namespaces; the index in {_shards()} shards.",
+        f"dimensions from the test server, {LATENCY_MS} ms per request for (c), (d) and (f); "
+        f"the memories of (c) in {NAMESPACES} namespaces; the index in {_shards()} shards.",
         "",
         "| run | memories | memories/s | ratio | embedding requests per 1,000 "
         "| worker CPU ms/memory | Chroma CPU ms/memory |",
