@@ -8,25 +8,13 @@ from typing import Any
 
 import dramatiq
 import pytest
-from dramatiq.results import ResultFailure
 
 import actors
 from actors import memory_rollback, memory_sync, state
 from kvstore import MemoryStore
 from tests.conftest import API_KEY
 from tests.support.embedding_server import EmbeddingServer, mask_key
-
-WAIT_MS = 20_000
-
-
-def _result(message: dramatiq.Message[Any]) -> Any:
-    return message.get_result(block=True, timeout=WAIT_MS)
-
-
-def _failure(message: dramatiq.Message[Any]) -> str:
-    with pytest.raises(ResultFailure) as caught:
-        _result(message)
-    return str(caught.value)
+from tests.support.results import WAIT_MS, failure_of, result_of
 
 
 def _dead_letter_reason(message_id: str) -> str:
@@ -37,7 +25,7 @@ def _dead_letter_reason(message_id: str) -> str:
 
 def test_a_sync_returns_success_with_its_version(worker: dramatiq.Worker, namespace: str) -> None:
     message = memory_sync.send(key="user-42:prefs", value={"theme": "dark"}, embed=True, namespace=namespace)
-    result = _result(message)
+    result = result_of(message)
     assert result == {**result, "status": "success", "key": "user-42:prefs", "version": 1}
     assert (result["namespace"], result["outcome"]) == (namespace, "applied")
 
@@ -45,9 +33,9 @@ def test_a_sync_returns_success_with_its_version(worker: dramatiq.Worker, namesp
 def test_a_rollback_returns_rolled_back_and_restores_the_value(
     worker: dramatiq.Worker, namespace: str, store: MemoryStore
 ) -> None:
-    _result(memory_sync.send(key="k", value="one", embed=True, namespace=namespace))
-    _result(memory_sync.send(key="k", value="two", embed=True, namespace=namespace))
-    result = _result(memory_rollback.send(key="k", namespace=namespace))
+    result_of(memory_sync.send(key="k", value="one", embed=True, namespace=namespace))
+    result_of(memory_sync.send(key="k", value="two", embed=True, namespace=namespace))
+    result = result_of(memory_rollback.send(key="k", namespace=namespace))
     assert (result["status"], result["version"]) == ("rolled_back", 3)
     assert store.get("k", namespace=namespace) == "one"
     assert [hit.value for hit in actors.search("one", namespace=namespace)] == ["one"]
@@ -58,7 +46,8 @@ def test_a_transient_embedding_failure_is_retried_until_applied(
 ) -> None:
     embedding_service.fail_next(500, count=2)
     assert (
-        _result(memory_sync.send(key="k", value="v", embed=True, namespace=namespace))["status"] == "success"
+        result_of(memory_sync.send(key="k", value="v", embed=True, namespace=namespace))["status"]
+        == "success"
     )
     assert [r.status for r in embedding_service.embedding_requests] == [500, 500, 200]
 
@@ -68,7 +57,8 @@ def test_retry_after_is_honoured_over_a_shorter_backoff(
 ) -> None:
     embedding_service.fail_next(429, retry_after_s=1.5)
     assert (
-        _result(memory_sync.send(key="k", value="v", embed=True, namespace=namespace))["status"] == "success"
+        result_of(memory_sync.send(key="k", value="v", embed=True, namespace=namespace))["status"]
+        == "success"
     )
     first, second = embedding_service.embedding_requests
     assert second.arrived_s - first.arrived_s >= 1.5  # the backoff alone would be 50 ms
@@ -84,7 +74,7 @@ def test_a_permanent_failure_is_dead_lettered_once_with_its_reason_and_writes_no
 ) -> None:
     embedding_service.fail_next(status)
     message = memory_sync.send(key="k", value="v", embed=True, namespace=namespace)
-    assert "EmbeddingRejected" in _failure(message)
+    assert "EmbeddingRejected" in failure_of(message)
     assert f"answered {status}" in _dead_letter_reason(message.message_id)
     assert len(embedding_service.embedding_requests) == 1
     assert store.record("k", namespace=namespace) is None
@@ -95,7 +85,7 @@ def test_a_dead_letter_reason_never_holds_the_api_key(
 ) -> None:
     embedding_service.fail_next(401, message=f"Incorrect API key provided: {API_KEY} ({mask_key(API_KEY)})")
     message = memory_sync.send(key="k", value="v", embed=True, namespace=namespace)
-    failure, reason = _failure(message), _dead_letter_reason(message.message_id)
+    failure, reason = failure_of(message), _dead_letter_reason(message.message_id)
     for text in (failure, reason):
         assert API_KEY not in text and mask_key(API_KEY) not in text
 
@@ -103,12 +93,12 @@ def test_a_dead_letter_reason_never_holds_the_api_key(
 def test_a_sync_that_runs_out_of_retries_leaves_nothing_half_applied(
     worker: dramatiq.Worker, namespace: str, embedding_service: EmbeddingServer, store: MemoryStore
 ) -> None:
-    _result(memory_sync.send(key="k", value="a cat", embed=True, namespace=namespace))
-    _result(memory_sync.send(key="k", value="a dog", embed=True, namespace=namespace))
+    result_of(memory_sync.send(key="k", value="a cat", embed=True, namespace=namespace))
+    result_of(memory_sync.send(key="k", value="a dog", embed=True, namespace=namespace))
     embedding_service.clear_log()
     embedding_service.fail_next(500, count=10)  # the rollback writes Redis, then cannot embed "a cat"
     message = memory_rollback.send(key="k", namespace=namespace)
-    _failure(message)
+    failure_of(message)
     record = store.record("k", namespace=namespace)
     assert record is not None and (record.value, record.version) == ("a dog", 2)
     assert len(store.history("k", namespace=namespace)) == 1
@@ -135,7 +125,7 @@ def test_an_invalid_payload_is_rejected_at_once_with_its_problem_named(
     worker: dramatiq.Worker, store: MemoryStore, payload: dict[str, Any], problem: str
 ) -> None:
     message = memory_sync.send(**payload)
-    _failure(message)
+    failure_of(message)
     letter = state.runtime().dead_letters.get(message.message_id)
     assert letter is not None and letter.retries == 0
     assert re.search(problem, letter.reason), letter.reason
@@ -147,10 +137,10 @@ def test_a_message_delivered_twice_is_applied_once(
 ) -> None:
     message = memory_sync.message(key="k", value="v", namespace=namespace)
     actors.broker.enqueue(message)
-    _result(message)
+    result_of(message)
     actors.broker.enqueue(message)
     actors.broker.join(memory_sync.queue_name, timeout=WAIT_MS)
-    assert _result(message)["outcome"] in ("applied", "duplicate")
+    assert result_of(message)["outcome"] in ("applied", "duplicate")
     record = store.record("k", namespace=namespace)
     assert record is not None and record.version == 1
 
@@ -162,9 +152,9 @@ def test_an_older_message_delivered_late_does_not_overwrite_a_newer_one(
     newer = memory_sync.message(key="k", value="newer", namespace=namespace)
     newer = newer.copy(message_timestamp=older.message_timestamp + 1000)
     actors.broker.enqueue(newer)
-    _result(newer)
+    result_of(newer)
     actors.broker.enqueue(older)
-    assert _result(older)["outcome"] == "stale"
+    assert result_of(older)["outcome"] == "stale"
     assert store.get("k", namespace=namespace) == "newer"
 
 
@@ -173,7 +163,7 @@ def test_a_dead_letter_is_replayed_once_its_cause_is_fixed(
 ) -> None:
     embedding_service.fail_next(400)
     message = memory_sync.send(key="k", value="v", embed=True, namespace=namespace)
-    _failure(message)
+    failure_of(message)
     dead_letters = state.runtime().dead_letters
     assert dead_letters.replay(actors.broker, [message.message_id]) == [message.message_id]
     deadline = time.monotonic() + WAIT_MS / 1000
@@ -187,6 +177,6 @@ def test_positional_arguments_follow_the_seed_order_key_value_embed(
     worker: dramatiq.Worker, store: MemoryStore
 ) -> None:
     key = f"positional-{time.time_ns()}"
-    assert _result(memory_sync.send(key, {"a": 1}, True))["status"] == "success"
+    assert result_of(memory_sync.send(key, {"a": 1}, True))["status"] == "success"
     record = store.record(key)
     assert record is not None and (record.value, record.embed) == ({"a": 1}, True)

@@ -9,28 +9,17 @@ from typing import Any
 
 import dramatiq
 import pytest
-from dramatiq.results import ResultFailure
 
 import actors
 from actors import memory_sync_batch, state
 from actors.payloads import MAX_BATCH_ITEMS
 from kvstore import MemoryStore
 from tests.support.embedding_server import EmbeddingServer
+from tests.support.results import WAIT_MS, failure_of, result_of
 from tests.support.services import start_chroma
 from vectorstore import VectorIndex, chroma_client
 
-WAIT_MS = 20_000
 NO_FAILURES = {"applied": 0, "unchanged": 0, "duplicate": 0, "stale": 0, "failed": 0}
-
-
-def _result(message: dramatiq.Message[Any]) -> Any:
-    return message.get_result(block=True, timeout=WAIT_MS)
-
-
-def _failure(message: dramatiq.Message[Any]) -> str:
-    with pytest.raises(ResultFailure) as caught:
-        _result(message)
-    return str(caught.value)
 
 
 def _mixed_items(namespace: str) -> list[dict[str, Any]]:
@@ -66,7 +55,7 @@ def test_a_batch_returns_a_result_per_item_in_input_order_with_counts(
     worker: dramatiq.Worker, namespace: str, store: MemoryStore, embedding_service: EmbeddingServer
 ) -> None:
     items = _mixed_items(namespace)
-    answer = _result(memory_sync_batch.send(items=items))
+    answer = result_of(memory_sync_batch.send(items=items))
 
     assert answer["status"] == "success"
     assert _summary(answer["results"]) == [("success", item["key"], 1, "applied") for item in items]
@@ -90,7 +79,7 @@ def test_an_invalid_item_fails_alone_in_the_results(
         {"key": "plain", "value": [1, 2], "namespace": namespace},
     ]
     message = memory_sync_batch.send(items=items)
-    answer = _result(message)
+    answer = result_of(message)
 
     results = answer["results"]
     assert [r["status"] for r in results] == ["success", "failed", "failed", "failed", "failed", "success"]
@@ -124,7 +113,7 @@ def test_a_batch_that_is_not_a_list_of_at_most_the_limit_is_refused_whole_and_wr
         payload = {"items": items}
     message = memory_sync_batch.send(**payload)
 
-    assert "InvalidPayload" in _failure(message)
+    assert "InvalidPayload" in failure_of(message)
     letter = state.runtime().dead_letters.get(message.message_id)
     assert letter is not None and letter.retries == 0
     assert re.search(problem, letter.reason), letter.reason
@@ -136,7 +125,7 @@ def test_a_batch_of_exactly_the_limit_is_accepted(
     worker: dramatiq.Worker, namespace: str, store: MemoryStore
 ) -> None:
     items = [{"key": f"k-{n}", "value": n, "namespace": namespace} for n in range(MAX_BATCH_ITEMS)]
-    answer = _result(memory_sync_batch.send(items=items))
+    answer = result_of(memory_sync_batch.send(items=items))
     assert answer["counts"] == {**NO_FAILURES, "applied": MAX_BATCH_ITEMS}
     assert len(store.keys(namespace=namespace)) == MAX_BATCH_ITEMS
 
@@ -147,7 +136,7 @@ def test_a_transient_embedding_failure_is_retried_and_every_item_is_applied_exac
     embedding_service.fail_next(503, count=1)
     items = _mixed_items(namespace)
     message = memory_sync_batch.send(items=items)
-    answer = _result(message)
+    answer = result_of(message)
 
     # The plain items were applied by the first attempt and not run again: a second run would
     # have answered "duplicate".
@@ -167,7 +156,7 @@ def test_an_embedding_refused_for_good_fails_the_embedded_items_alone(
     worker: dramatiq.Worker, namespace: str, store: MemoryStore, embedding_service: EmbeddingServer
 ) -> None:
     embedding_service.fail_next(403)
-    answer = _result(memory_sync_batch.send(items=_mixed_items(namespace)))
+    answer = result_of(memory_sync_batch.send(items=_mixed_items(namespace)))
 
     statuses = [(r["key"], r["status"]) for r in answer["results"]]
     assert statuses == [
@@ -186,7 +175,7 @@ def test_a_batch_that_runs_out_of_retries_keeps_its_finished_items_and_nothing_o
     embedding_service.fail_next(503, count=10)
     message = memory_sync_batch.send(items=_mixed_items(namespace))
 
-    assert "EmbeddingUnavailable" in _failure(message)
+    assert "EmbeddingUnavailable" in failure_of(message)
     letter = state.runtime().dead_letters.get(message.message_id)
     assert letter is not None and "answered 503" in letter.reason
     assert len(embedding_service.embedding_requests) == 4  # the first attempt and 3 retries
@@ -205,7 +194,7 @@ def test_a_batch_whose_index_step_fails_for_good_takes_back_the_writes_of_its_un
     store.set("pet-1", "an older note", namespace=namespace)
     message = memory_sync_batch.send(items=_mixed_items(namespace))
 
-    assert "IndexUnavailable" in _failure(message)
+    assert "IndexUnavailable" in failure_of(message)
     letter = state.runtime().dead_letters.get(message.message_id)
     assert letter is not None and letter.retries == 3 and "Chroma" in letter.reason
     assert len(embedding_service.embedding_requests) == 4  # every attempt embedded, then could not index
@@ -225,10 +214,10 @@ def test_a_batch_delivered_twice_has_the_effect_of_one(
     items = _mixed_items(namespace)
     message = memory_sync_batch.message(items=items)
     actors.broker.enqueue(message)
-    first = _result(message)
+    first = result_of(message)
     actors.broker.enqueue(message)
     actors.broker.join(memory_sync_batch.queue_name, timeout=WAIT_MS)
-    second = _result(message)
+    second = result_of(message)
 
     assert first["counts"] == {**NO_FAILURES, "applied": 5}
     for answer in (first, second):

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dramatiq
 import pytest
 import redis
-from dramatiq.results import ResultFailure
 
 import actors
 from actors import memory_sync, state
@@ -23,8 +22,9 @@ from actors.coalesce import Coalescer
 from kvstore import MemoryStore, WriteResult
 from tests.conftest import API_KEY
 from tests.support.embedding_server import EmbeddingServer
+from tests.support.refusing import REFUSED, RefusingEmbedder
+from tests.support.results import failure_of, result_of
 from vectorstore import (
-    Embedder,
     EmbeddingRejected,
     EmbeddingUnavailable,
     Memories,
@@ -33,12 +33,8 @@ from vectorstore import (
     VectorIndex,
     chroma_client,
 )
-from vectorstore.index import Vectors
 
-WAIT_MS = 20_000
 MODEL = "test-embedding"
-#: A text the embedding server cannot take (see `RefusingEmbedder`).
-REFUSED = "<<refused by the embedding server>>"
 #: Words that share nothing, so that searching one finds the memory that holds it.
 WORDS = (
     "cat", "dog", "parrot", "hamster", "goldfish", "rabbit", "tortoise", "horse", "piano", "violin",
@@ -46,28 +42,6 @@ WORDS = (
     "golang", "haskell", "paris", "tokyo", "lima", "oslo", "coffee", "tea", "cocoa", "juice", "winter",
     "spring", "summer", "autumn",
 )  # fmt: skip
-
-
-class RefusingEmbedder:
-    """The real OpenAI embedder, except that a text holding REFUSED reaches the server as "".
-
-    The test server refuses a request holding an empty input with a 400 about `$.input`, as OpenAI
-    does; Memories itself never sends one, so this is how a sync meets an input the server refuses.
-    """
-
-    def __init__(self, inner: Embedder) -> None:
-        self.inner = inner
-
-    @property
-    def model(self) -> str:
-        return self.inner.model
-
-    @property
-    def dimensions(self) -> int | None:
-        return self.inner.dimensions
-
-    def embed(self, texts: Sequence[str]) -> Vectors:
-        return self.inner.embed(["" if REFUSED in text else text for text in texts])
 
 
 def _eight_threads() -> dramatiq.Worker:
@@ -108,16 +82,6 @@ def slow_embeddings(embedding_service: EmbeddingServer) -> EmbeddingServer:
     return embedding_service
 
 
-def _result(message: dramatiq.Message[Any]) -> Any:
-    return message.get_result(block=True, timeout=WAIT_MS)
-
-
-def _failure(message: dramatiq.Message[Any]) -> str:
-    with pytest.raises(ResultFailure) as caught:
-        _result(message)
-    return str(caught.value)
-
-
 def _text(n: int) -> str:
     return f"the user likes {WORDS[n]}"
 
@@ -134,7 +98,7 @@ def test_concurrent_single_syncs_share_embedding_requests_and_each_gets_its_own_
 ) -> None:
     count = 32
     messages = [_sync(n, namespace) for n in range(count)]
-    results = [_result(message) for message in messages]
+    results = [result_of(message) for message in messages]
 
     for n, result in enumerate(results):
         assert (result["status"], result["key"], result["version"], result["outcome"]) == (
@@ -164,8 +128,8 @@ def test_an_input_the_server_refuses_fails_its_own_message_alone_in_a_shared_bat
     good += [_sync(n, namespace) for n in range(3, 12)]
     start_worker()
 
-    assert "EmbeddingRejected" in _failure(refused)
-    assert all(_result(message)["status"] == "success" for message in good)
+    assert "EmbeddingRejected" in failure_of(refused)
+    assert all(result_of(message)["status"] == "success" for message in good)
     letter = state.runtime().dead_letters.get(refused.message_id)
     assert letter is not None and letter.retries == 0 and "answered 400" in letter.reason
     assert store.record("refused", namespace=namespace) is None
@@ -187,8 +151,8 @@ def test_an_empty_text_fails_its_own_message_alone_among_concurrent_syncs(
     good += [_sync(n, namespace) for n in range(3, 6)]
     start_worker()
 
-    assert "InvalidValue" in _failure(blank)
-    assert all(_result(message)["status"] == "success" for message in good)
+    assert "InvalidValue" in failure_of(blank)
+    assert all(result_of(message)["status"] == "success" for message in good)
     letter = state.runtime().dead_letters.get(blank.message_id)
     assert letter is not None and letter.retries == 0 and "nothing to embed" in letter.reason
     assert store.record("blank", namespace=namespace) is None
@@ -206,7 +170,7 @@ def test_a_transient_failure_of_a_shared_request_retries_each_message_until_all_
     messages = [_sync(n, namespace) for n in range(count)]
     start_worker()
 
-    assert [_result(message)["version"] for message in messages] == [1] * count
+    assert [result_of(message)["version"] for message in messages] == [1] * count
     requests = slow_embeddings.embedding_requests
     [failed] = [r for r in requests if r.status != 200]
     assert failed.status == 503 and failed.inputs > 1  # a shared request failed

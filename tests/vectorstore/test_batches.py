@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -25,6 +25,7 @@ from kvstore import (
 )
 from tests.conftest import API_KEY
 from tests.support.embedding_server import EmbeddingServer, RecordedRequest
+from tests.support.refusing import REFUSED, RefusingEmbedder
 from vectorstore import (
     EmbeddingRejected,
     EmbeddingUnavailable,
@@ -36,36 +37,11 @@ from vectorstore import (
     VectorIndex,
     chroma_client,
 )
-from vectorstore.index import Vectors
 
 MODEL = "test-embedding"
 NS = "default"
 #: Words that share nothing, so that searching one finds the memory that holds it.
 ANIMALS = ("cat", "dog", "parrot", "hamster", "goldfish", "rabbit", "tortoise", "horse")
-#: A text the embedding server cannot take (see `RefusingEmbedder`).
-REFUSED = "<<refused by the embedding server>>"
-
-
-class RefusingEmbedder:
-    """The real OpenAI embedder, except that a text holding REFUSED reaches the server as "".
-
-    The test server refuses a request holding an empty input with a 400 about `$.input`, as OpenAI
-    does; Memories itself never sends one, so this is how a batch meets an input the server refuses.
-    """
-
-    def __init__(self, inner: OpenAIEmbedder) -> None:
-        self.inner = inner
-
-    @property
-    def model(self) -> str:
-        return self.inner.model
-
-    @property
-    def dimensions(self) -> int | None:
-        return self.inner.dimensions
-
-    def embed(self, texts: Sequence[str]) -> Vectors:
-        return self.inner.embed(["" if REFUSED in text else text for text in texts])
 
 
 @pytest.fixture
