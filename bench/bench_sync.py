@@ -203,6 +203,7 @@ class Bench:
             for n in range(self.memories)
         ]
         with self._worker() as worker:
+            self.server.clear_log()
             before = self._cpu(worker)
             started = time.perf_counter()
             summary = import_lines(lines, state.runtime(), batch_size=250, in_process=False)
