@@ -13,6 +13,7 @@ import pytest
 from kvstore import KeyRef
 from tests.support.services import start_chroma
 from vectorstore import IndexEntry, IndexUnavailable, VectorIndex, chroma_client
+from vectorstore.index import Vectors
 
 DIMS = 8
 
@@ -26,9 +27,10 @@ def index(chroma_url: str, prefix: str) -> Iterator[VectorIndex]:
     made.drop_all()
 
 
-def _rows(count: int, seed: int) -> np.ndarray:  # type: ignore[type-arg]
-    rows = np.random.default_rng(seed).standard_normal((count, DIMS)).astype(np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+def _rows(count: int, seed: int) -> Vectors:
+    rows: Vectors = np.random.default_rng(seed).standard_normal((count, DIMS)).astype(np.float32)
+    normalised: Vectors = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    return normalised
 
 
 def test_a_namespace_lives_in_one_shard_and_its_query_sees_only_its_vectors(index: VectorIndex) -> None:
