@@ -130,7 +130,8 @@ class Bench:
         load = os.getloadavg()
         rows = [self._ceiling(), self._plain()]
         self.server.latency_ms = LATENCY_MS
-        rows += [self._singles(coalesce_ms=0), self._singles(coalesce_ms=5), self._batches(), self._import()]
+        rows += [self._singles(coalesce_ms=0), self._singles(coalesce_ms=5)]
+        rows += [self._singles(coalesce_ms=5, threads=32), self._batches(), self._import()]
         rows.append(self._chroma_ceiling())
         self.server.latency_ms = 0
         searches = [self._search(size) for size in search_sizes]
@@ -158,10 +159,10 @@ class Bench:
 
     # (c)
 
-    def _singles(self, coalesce_ms: int) -> Row:
+    def _singles(self, coalesce_ms: int, threads: int = THREADS) -> Row:
         from actors import memory_sync
 
-        tag = f"single-{coalesce_ms}"
+        tag = f"single-{coalesce_ms}-{threads}"
 
         def send(n: int) -> Any:
             return memory_sync.send(
@@ -169,7 +170,9 @@ class Bench:
             )
 
         name = f"(c) single sends, coalescing {'on' if coalesce_ms else 'off'}"
-        with self._worker(MEMSYNC_COALESCE_MS=str(coalesce_ms)) as worker:
+        if threads != THREADS:
+            name += f", {threads} threads"
+        with self._worker(threads, MEMSYNC_COALESCE_MS=str(coalesce_ms)) as worker:
             return self._timed(name, self.memories, worker, send)
 
     def _batches(self, size: int = 100) -> Row:
@@ -314,10 +317,10 @@ class Bench:
         return _tree_cpu_s(worker.pid), _tree_cpu_s(self.chroma.process.pid)
 
     @contextmanager
-    def _worker(self, **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    def _worker(self, threads: int = THREADS, **env: str) -> Iterator[subprocess.Popen[bytes]]:
         command = [
             str(Path(sys.executable).parent / "dramatiq"), "actors", "bench.ceiling",
-            "--processes", str(PROCESSES), "--threads", str(THREADS),
+            "--processes", str(PROCESSES), "--threads", str(threads),
         ]  # fmt: skip
         log = (self.base / "worker.log").open("ab")
         process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=log)
