@@ -44,7 +44,7 @@ from tests.support.services import Service, start_chroma, start_redis  # noqa: E
 DIMS = 1536
 LATENCY_MS = 50
 PROCESSES, THREADS = 2, 8
-PLAIN_MESSAGES = 2000
+PLAIN_MESSAGES = 5000
 SEARCHES = 200
 #: The memories of (c) belong to this many namespaces (users), as in a bulk load of many users' memories.
 NAMESPACES = 10
