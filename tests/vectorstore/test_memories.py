@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -11,6 +12,7 @@ from kvstore import InvalidValue, KeyRef, MemoryStore, WriteMeta
 from tests.conftest import API_KEY
 from tests.support.embedding_server import EmbeddingServer
 from vectorstore import (
+    EmbeddingUnavailable,
     IndexEntry,
     IndexUnavailable,
     InvalidQuery,
@@ -172,3 +174,36 @@ def _hash(text: str) -> str:
     from kvstore import content_hash
 
     return content_hash(text)
+
+
+def test_search_retries_a_failing_embedding_server_within_its_budget(
+    memories: Memories, embedding_service: EmbeddingServer
+) -> None:
+    memories.sync("pet", "the user has a cat", embed=True)
+    embedding_service.fail_next(503, count=2)
+    assert [hit.key for hit in memories.search("cat", k=1)] == ["pet"]
+    assert [r.status for r in embedding_service.embedding_requests[-3:]] == [503, 503, 200]
+
+
+def test_search_honours_retry_after_within_its_budget(
+    memories: Memories, embedding_service: EmbeddingServer
+) -> None:
+    memories.sync("pet", "the user has a cat", embed=True)
+    embedding_service.fail_next(429, retry_after_ms=300)
+    started = time.monotonic()
+    assert [hit.key for hit in memories.search("cat", k=1)] == ["pet"]
+    assert time.monotonic() - started >= 0.3
+
+
+def test_search_raises_once_its_retry_budget_is_spent(
+    memories: Memories, embedding_service: EmbeddingServer
+) -> None:
+    memories.sync("pet", "the user has a cat", embed=True)
+    memories.search_retry_budget_ms = 300
+    embedding_service.fail_next(503, count=50)
+    started = time.monotonic()
+    with pytest.raises(EmbeddingUnavailable):
+        memories.search("cat", k=1)
+    assert time.monotonic() - started < 1.0
+    failed = [r for r in embedding_service.embedding_requests if r.status == 503]
+    assert 2 <= len(failed) <= 4, "a few tries with doubling pauses, not one and not fifty"
