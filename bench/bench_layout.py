@@ -42,6 +42,7 @@ from chromadb.api.types import QueryResult
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test servers live in tests/support
 
 from tests.support.services import start_chroma
+from vectorstore.index import shard_for  # the mapping memsync uses
 
 VECTORS_PER_NAMESPACE = 10
 DIMENSIONS = 384
@@ -73,7 +74,7 @@ class Layout:
     def collection(self, namespace: str) -> str:
         if self.shards is None:
             return f"each-{namespace}"
-        return f"shard-{self.shards}-{shard_of(namespace, self.shards)}"
+        return f"shard-{self.shards}-{shard_for(namespace, self.shards)}"
 
 
 @dataclass(frozen=True)
@@ -107,11 +108,6 @@ class Result:
     first_touch: int
     first_touch_median_ms: float | None
     warm_p95_ms: float
-
-
-def shard_of(namespace: str, shards: int) -> int:
-    """The shard of a namespace: its sha256 as an integer, mod `shards`."""
-    return int.from_bytes(hashlib.sha256(namespace.encode()).digest(), "big") % shards
 
 
 def namespace_names(count: int) -> list[str]:

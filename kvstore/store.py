@@ -111,12 +111,8 @@ class MemoryStore:
     def records(self, keys: list[str], *, namespace: str | None = None) -> dict[str, Record]:
         """The current records of several keys in one round trip; keys never written are left out."""
         ns = check_namespace(namespace)
-        with _translated():
-            pipe = self.client.pipeline(transaction=False)
-            for key in keys:
-                pipe.hgetall(self.keys_of.head(ns, key))
-            answers = pipe.execute()
-        return {k: Record.from_fields(ns, k, _decoded(f)) for k, f in zip(keys, answers, strict=True) if f}
+        found = self.records_of([KeyRef(ns, key) for key in keys])
+        return {record.key: record for record in found if record is not None}
 
     def history(self, key: str, *, namespace: str | None = None) -> list[Record]:
         """The retained earlier versions of a key, newest first."""
@@ -179,7 +175,9 @@ class MemoryStore:
         return [_result(w, reply) for w, reply in zip(writes, replies, strict=True)]
 
     def records_of(self, refs: Sequence[KeyRef]) -> list[Record | None]:
-        """The current records of keys in any namespaces, in order, in one round trip."""
+        """The current records of keys in any namespaces, in order, in one round trip (none for no keys)."""
+        if not refs:
+            return []
         with _translated():
             pipe = self.client.pipeline(transaction=False)
             for ref in refs:

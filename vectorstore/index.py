@@ -42,6 +42,7 @@ __all__ = [
     "chroma_answers",
     "chroma_client",
     "collection_name",
+    "shard_for",
     "shard_name",
     "translated",
     "vector_ids",
@@ -85,6 +86,12 @@ def collection_name(prefix: str, model: str, dimensions: int | None, namespace: 
 def shard_name(prefix: str, model: str, dimensions: int | None, shard: int, shards: int) -> str:
     """The name of one shard collection; the shard count is part of it, so layouts never mix."""
     return f"{_stem(prefix, model, dimensions)}shard{shard:04d}-of-{shards:04d}"
+
+
+def shard_for(namespace: str, shards: int) -> int:
+    """The shard of a namespace: the first 8 bytes of its sha256, mod `shards`."""
+    digest = hashlib.sha256(namespace.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % shards
 
 
 def _stem(prefix: str, model: str, dimensions: int | None) -> str:
@@ -159,8 +166,7 @@ class VectorIndex:
         self._queue: list[_Upsert] = []
 
     def shard_of(self, namespace: str) -> int:
-        digest = hashlib.sha256(namespace.encode("utf-8")).digest()
-        return int.from_bytes(digest[:8], "big") % self.shards
+        return shard_for(namespace, self.shards)
 
     def stored(self, refs: Sequence[KeyRef]) -> dict[KeyRef, IndexEntry]:
         """The index entries of the keys that have a vector."""
@@ -246,9 +252,6 @@ class VectorIndex:
         answer = self._call(self.shard_of(namespace), run)
         metadatas, distances = answer["metadatas"][0], answer["distances"][0]
         return [_entry(meta, distance) for meta, distance in zip(metadatas, distances, strict=True)]
-
-    def count(self, namespace: str) -> int:
-        return sum(1 for _ in self.entries(namespace))
 
     def entries(self, namespace: str) -> Iterator[IndexEntry]:
         """Every entry of a namespace, page by page."""

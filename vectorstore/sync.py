@@ -179,14 +179,14 @@ class Memories:
             self.refresh([KeyRef(ns, check_key(key))])
         return undone
 
-    def refresh(self, refs: Sequence[KeyRef]) -> dict[KeyRef, str]:
-        """Make the index hold exactly what the keys' current records need; what was done, by key.
+    def refresh(self, refs: Sequence[KeyRef]) -> None:
+        """Make the index hold exactly what the keys' current records need.
 
         Used by reconcile and undo: no lock is taken, and a text the index lacks is embedded.
         """
         refs = list(dict.fromkeys(refs))
         heads = dict(zip(refs, self.store.records_of(refs), strict=True))
-        return self._apply(heads, {})
+        self._apply(heads, {})
 
     def search(
         self, query: str, k: int = 5, namespace: str | None = None, where: dict[str, Any] | None = None
@@ -347,14 +347,13 @@ class Memories:
         lost = [item for item, ok in zip(items, released, strict=True) if not ok]
         batch.fail(batch.going(lost), LockLost("a key's index lock expired during its index step"))
 
-    def _apply(self, heads: dict[KeyRef, Record | None], vectors: dict[KeyRef, Vectors]) -> dict[KeyRef, str]:
-        """Bring each key's vectors to its record: delete, relabel, embed or upsert; what was done, by key."""
-        done: dict[KeyRef, str] = {}
+    def _apply(self, heads: dict[KeyRef, Record | None], vectors: dict[KeyRef, Vectors]) -> None:
+        """Bring each key's vectors to its record: delete, relabel, or embed (unless given) and upsert."""
         gone = [ref for ref, head in heads.items() if head is None or head.deleted or not head.embed]
         live = {ref: head for ref, head in heads.items() if head is not None and ref not in gone}
         unknown = [ref for ref in live if ref not in vectors]
         stored = self.index.stored(unknown) if unknown else {}
-        relabel, missing = _sorted_by_index(live, unknown, stored, done)
+        relabel, missing = _sorted_by_index(live, unknown, stored)
         if missing:
             made = self.embedder.embed([_text_of(live[ref]) for ref in missing])
             vectors = {**vectors, **dict(zip(missing, made, strict=True))}
@@ -362,19 +361,17 @@ class Memories:
         self.index.upsert([_entry(live[ref]) for ref in upserts], [vectors[ref] for ref in upserts])
         self.index.relabel([_entry(live[ref]) for ref in relabel])
         self.index.delete(gone)
-        done.update({ref: "deleted" for ref in gone})
-        done.update({ref: "relabelled" for ref in relabel})
-        done.update({ref: "embedded" for ref in upserts})
-        return done
 
 
 def _sorted_by_index(
     live: dict[KeyRef, Record],
     unknown: list[KeyRef],
     stored: dict[KeyRef, IndexEntry],
-    done: dict[KeyRef, str],
 ) -> tuple[list[KeyRef], list[KeyRef]]:
-    """Of the keys without a fresh vector: which need a new version label, and which a new embedding."""
+    """Of the keys without a fresh vector: which need a new version label, and which a new embedding.
+
+    A key whose vector already has its record's hash and version needs neither.
+    """
     relabel, missing = [], []
     for ref in unknown:
         entry, head = stored.get(ref), live[ref]
@@ -382,8 +379,6 @@ def _sorted_by_index(
             missing.append(ref)
         elif entry.version != head.version:
             relabel.append(ref)
-        else:
-            done[ref] = "unchanged"
     return relabel, missing
 
 

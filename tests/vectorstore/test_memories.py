@@ -139,7 +139,9 @@ def test_an_unusable_query_is_refused(memories: Memories, query: str, k: int) ->
 
 def test_search_fails_clearly_when_chroma_is_unreachable() -> None:
     with pytest.raises(IndexUnavailable, match="Chroma"):
-        VectorIndex(chroma_client("http://127.0.0.1:1"), model=MODEL, dimensions=None).count("default")
+        list(
+            VectorIndex(chroma_client("http://127.0.0.1:1"), model=MODEL, dimensions=None).entries("default")
+        )
 
 
 def test_reconcile_repairs_missing_stale_and_orphan_vectors(
