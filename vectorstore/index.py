@@ -139,9 +139,9 @@ class VectorIndex:
     """Upserts, deletes and queries the vectors of keys, each with metadata key, namespace, version, hash.
 
     Every call that takes several keys makes one Chroma request per shard they fall in. Writes from
-    one process go to Chroma one at a time: measured on `chroma run`, 160 upserts of 10 vectors took
-    8.4 ms of server CPU each from one thread and 21.6 to 29.4 ms from 2 to 16 threads at once, and
-    three times as long in all; queries are not held back. Upserts that wait meanwhile are written
+    one process go to Chroma one at a time: measured on `chroma run` (`bench/bench_costs.py`), 160
+    upserts of 10 vectors took 7.9 ms of server CPU each from one writer and 14.6 to 20.2 ms from 2 to
+    16 writers at once, and longer in all; queries are not held back. Upserts that wait meanwhile are written
     together, one request per shard, by the next thread to get its turn.
     """
 
