@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
 
     redis_url: str | None = Field(None, alias="REDIS_URL")
+    broker_url: str | None = Field(None, alias="BROKER_URL")
     chroma_url: str | None = Field(None, alias="CHROMA_URL")
     openai_api_key: SecretStr | None = Field(None, alias="OPENAI_API_KEY")
     openai_base_url: str | None = Field(None, alias="OPENAI_BASE_URL")
@@ -46,9 +47,13 @@ class Settings(BaseSettings):
     maintenance_chance: int = Field(500_000, alias="MEMSYNC_MAINTENANCE_CHANCE", ge=1, le=1_000_000)
     time_limit_ms: int = Field(120_000, alias="MEMSYNC_TIME_LIMIT_MS", gt=0)
     index_shards: int = Field(16, alias="MEMSYNC_INDEX_SHARDS", ge=1, le=4096)
+    index_check_ms: int = Field(1_000, alias="MEMSYNC_INDEX_CHECK_MS", ge=10, le=60_000)
     coalesce_ms: int = Field(5, alias="MEMSYNC_COALESCE_MS", ge=0, le=1000)
     coalesce_max: int = Field(256, alias="MEMSYNC_COALESCE_MAX", ge=1, le=2048)
     search_retry_budget_ms: int = Field(2_000, alias="MEMSYNC_SEARCH_RETRY_BUDGET_MS", ge=0, le=60_000)
+    log_format: Literal["text", "json"] = Field("text", alias="MEMSYNC_LOG_FORMAT")
+    metrics_port: int | None = Field(None, alias="MEMSYNC_METRICS_PORT", gt=0, lt=65536)
+    metrics_host: str = Field("0.0.0.0", alias="MEMSYNC_METRICS_HOST", pattern=r"^[A-Za-z0-9.-]{1,253}$")
     local_redis_port: int = Field(6479, alias="MEMSYNC_LOCAL_REDIS_PORT", gt=0, lt=65536)
     local_chroma_port: int = Field(8479, alias="MEMSYNC_LOCAL_CHROMA_PORT", gt=0, lt=65536)
 
@@ -56,6 +61,11 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_url(cls, url: str | None) -> str | None:
         return _checked_url(url, ("redis", "rediss", "unix"))
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, url: str | None) -> str | None:
+        return _checked_url(url, ("amqp", "amqps", "redis", "rediss", "unix"))
 
     @field_validator("chroma_url", "openai_base_url")
     @classmethod
@@ -75,6 +85,14 @@ class Settings(BaseSettings):
     def effective_redis_url(self) -> str:
         """`REDIS_URL`, or the local stack's Redis."""
         return self.redis_url or f"redis://127.0.0.1:{self.local_redis_port}/0"
+
+    def effective_broker_url(self) -> str:
+        """`BROKER_URL`, or the store's Redis (`effective_redis_url`)."""
+        return self.broker_url or self.effective_redis_url()
+
+    def uses_rabbitmq(self) -> bool:
+        """Whether the broker is RabbitMQ (`BROKER_URL` is `amqp://` or `amqps://`)."""
+        return urlsplit(self.effective_broker_url()).scheme in ("amqp", "amqps")
 
     def effective_chroma_url(self) -> str:
         """`CHROMA_URL`, or the local stack's Chroma server."""

@@ -1,25 +1,57 @@
-"""actors: the Dramatiq wiring of memsync. Importing it builds the broker from the settings.
+"""actors: the Dramatiq wiring of memsync.
 
 Apps send with `memory_sync.send(key=..., value=..., embed=True)` and query with `search(...)`;
-workers run `dramatiq actors`.
+workers run `dramatiq actors`. The broker is built from the settings on first use of `broker` or
+of an actor, so importing a submodule (`actors.errors`) reads no setting; under Dramatiq's CLI it is
+built at import, as Dramatiq expects, and a bad setting stops the worker with one line.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+import sys
+from typing import TYPE_CHECKING, Any
 
-from actors import state
-
-broker = state.configure()
-
-from actors.tasks import memory_rollback, memory_sync, memory_sync_batch  # noqa: E402  (needs the broker above)
-from vectorstore import Hit  # noqa: E402
+if TYPE_CHECKING:
+    from actors.tasks import memory_rollback, memory_sync, memory_sync_batch
+    from vectorstore import Hit
 
 __all__ = ["broker", "memory_rollback", "memory_sync", "memory_sync_batch", "search"]
+
+_ACTORS = frozenset({"memory_rollback", "memory_sync", "memory_sync_batch"})
+
+
+def __getattr__(name: str) -> Any:
+    if name == "broker":
+        return _state().broker()
+    if name in _ACTORS:
+        _state().broker()  # declares the actors
+        return getattr(sys.modules["actors.tasks"], name)
+    raise AttributeError(f"module 'actors' has no attribute {name!r}")
 
 
 def search(
     query: str, k: int = 5, namespace: str | None = None, where: dict[str, Any] | None = None
 ) -> list[Hit]:
     """The `k` current memories closest in meaning to `query` (higher score is closer)."""
-    return state.runtime().memories.search(query, k, namespace, where)
+    hits: list[Hit] = _state().runtime().memories.search(query, k, namespace, where)
+    return hits
+
+
+def _state() -> Any:
+    # Not `from actors import state`: that looks the name up on this module, i.e. in __getattr__.
+    return importlib.import_module("actors.state")
+
+
+def _configure_for_dramatiq() -> None:
+    """`dramatiq actors` takes the global broker once the module is imported: build it now."""
+    from settings import SettingsError
+
+    try:
+        _state().broker()
+    except SettingsError as error:
+        raise SystemExit(f"memsync: {error}") from None
+
+
+if "dramatiq.cli" in sys.modules:
+    _configure_for_dramatiq()

@@ -18,6 +18,7 @@ from actors.deadletter import scrub
 from actors.errors import is_permanent
 from actors.outcomes import answer, scrub_in_place, undo
 from actors.payloads import BatchPayload, parse, parse_item
+from actors.retry import RetryPolicy
 from actors.runtime import Runtime
 from kvstore import WriteMeta, WriteResult
 from vectorstore import ItemResult, SyncItem
@@ -38,6 +39,7 @@ def perform_batch(
     *,
     message: dramatiq.Message[Any] | dramatiq.MessageProxy | None = None,
     runtime: Runtime | None = None,
+    policy: RetryPolicy | None = None,
 ) -> dict[str, Any]:
     """Run a MEMORY_SYNC_BATCH job: `{"status": "success", "results": [...], "counts": {...}}`.
 
@@ -52,7 +54,7 @@ def perform_batch(
     outcomes = runtime.memories.sync_many(list(items.values()), skip_unchanged=payload.skip_unchanged)
     failed = _settle(items, outcomes, done, runtime)
     if failed:
-        _fail(failed, done, retries, message, runtime)
+        _fail(failed, done, (policy or runtime.policy).is_final(failed[0][1], retries), message, runtime)
     results = [done[str(n)] for n in range(len(payload.items))]
     return {"status": "success", "results": results, "counts": _counts(results)}
 
@@ -92,16 +94,16 @@ def _settle(
 def _fail(
     failed: list[tuple[SyncItem, Exception]],
     done: Answers,
-    retries: int,
+    final: bool,
     message: dramatiq.Message[Any] | dramatiq.MessageProxy | None,
     runtime: Runtime,
 ) -> None:
     first = failed[0][1]
-    if runtime.policy.is_final(first, retries):
+    if final:
         for item, _ in failed:
             if item.meta is not None:
-                undo(runtime, item.key, item.namespace, item.meta.msg_id)
-    elif message is not None:
+                undo(runtime, item.key, item.namespace, item.meta.msg_id, first)
+    if message is not None:  # a retry runs only the others; a dead letter (and metrics) see what finished
         message.options[DONE_OPTION] = done
     scrub_in_place(first, runtime.secrets)
     raise first

@@ -5,27 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
 from typing import Any, TextIO
 
 import redis
+from dramatiq.errors import BrokerConnectionError
 
 from actors import state
-from actors.demo import run_demo
-from actors.errors import MemsyncError
-from actors.local import local_stack
-from actors.payloads import MAX_BATCH_ITEMS
-from actors.transfer import Bar, NoWorker, export_lines, import_lines, read_lines, workers_alive
-from kvstore import KVStoreError
+from actors.failures import explain
+from kvstore import MemsyncError, check_namespace
 from settings import SettingsError
-from vectorstore import VectorStoreError
-from vectorstore.migrate import migrate_legacy
-from vectorstore.reconcile import reconcile
+
+# Each command imports what it runs (chromadb, openai, the worker's modules) when it runs, so that
+# `memsync --help` and a bad setting answer at once: see bench/bench_cli.py.
 
 __all__ = ["main"]
 
@@ -33,20 +27,22 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; exit 0, 1 when it failed, 2 for bad input or settings. Errors are one line."""
     parser = _parser()
     args = parser.parse_args(argv)
     command: Command = args.command
     try:
         return command(args)
-    except (MemsyncError, KVStoreError, VectorStoreError, SettingsError) as error:
-        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
     except BrokenPipeError:  # the reader went away (`memsync export | head`): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except redis.RedisError as error:  # only its type: redis-py's text may name the host
-        print(f"error: Redis is unreachable ({type(error).__name__}); is REDIS_URL right?", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:  # Ctrl-C: the command stops where it was, as a shell's commands do
+        print(file=sys.stderr)
+        return 130
+    except (MemsyncError, SettingsError, redis.RedisError, BrokerConnectionError) as error:
+        line, status = explain(error)
+        print(f"error: {line}", file=sys.stderr)
+        return status
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,7 +72,26 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser("migrate-index", help="carry vectors of an older layout into the shards")
     )
     migrate.set_defaults(command=_migrate_index)
+    _reindex_command(sub)
+    _status_command(sub)
     return parser
+
+
+def _status_command(sub: Any) -> None:
+    status = _with_json(sub.add_parser("status", help="queues, workers, memories, vectors; a health check"))
+    status.add_argument("--namespace", action="append", help="only these namespaces (repeatable)")
+    status.add_argument("--no-drift", action="store_true", help="skip the drift check (reads every vector)")
+    status.set_defaults(command=_status)
+
+
+def _reindex_command(sub: Any) -> None:
+    reidx = _with_json(
+        sub.add_parser("reindex", help="embed every memory with EMBEDDING_MODEL, then search with it")
+    )
+    reidx.add_argument("--batch-size", type=int, default=500, help="keys per embedding request (<= 2048)")
+    reidx.add_argument("--drop-old", action="store_true", help="then delete the collections of other models")
+    reidx.add_argument("--abort", action="store_true", help="give up a migration that has not switched yet")
+    reidx.set_defaults(command=_reindex)
 
 
 def _transfer_commands(sub: Any) -> None:
@@ -110,54 +125,70 @@ def _with_json(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _up(args: argparse.Namespace) -> int:
-    with local_stack(state.settings(), worker=True) as stack:
-        print(f"REDIS_URL={stack.redis_url}\nCHROMA_URL={stack.chroma_url}")
-        print(f"started: {', '.join(stack.started) or 'nothing (all running already)'}; Ctrl-C stops")
-        sys.stdout.flush()
-        _wait_for_signal()
+    from actors.local import local_stack, serve_until_signalled
+
+    try:
+        with local_stack(state.settings(), worker=True, say=_say) as stack:
+            _say(f"REDIS_URL={stack.redis_url}\nCHROMA_URL={stack.chroma_url}")
+            _say(f"started: {', '.join(stack.started) or 'nothing (all running already)'}; Ctrl-C stops")
+            serve_until_signalled(stack)
+    except KeyboardInterrupt:  # Ctrl-C while starting: what had started is stopped already
+        _say("stopped")
+        return 130
+    _say("stopped")
     return 0
 
 
-def _wait_for_signal() -> None:
-    stopped = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopped.set())
-    stopped.wait()
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from actors.demo import run_demo
+
     return run_demo(state.settings(), print)
 
 
 def _search(args: argparse.Namespace) -> int:
+    from actors.views import hit_view, score_text
+
     hits = state.runtime().memories.search(args.query, args.k, args.namespace)
-    rows = [asdict(hit) for hit in hits]
-    _emit(
-        args,
-        rows,
-        lambda row: f"{row['score']:.3f}  {row['key']} (v{row['version']}): {json.dumps(row['value'])}",
-    )
-    return 0
-
-
-def _get(args: argparse.Namespace) -> int:
-    store = state.runtime().store
-    records = [
-        store.record(args.key, namespace=args.namespace),
-        *store.history(args.key, namespace=args.namespace),
-    ]
-    rows = [_record_row(record) for record in records if record is not None]
-    _emit(
-        args, rows, lambda row: f"v{row['version']}  {'(deleted)' if row['deleted'] else row['value_json']}"
-    )
+    rows = [hit_view(hit) for hit in hits]
+    _emit(args, rows, lambda r: f"{score_text(r['score'])}  {r['key']} (v{r['version']}): {_value_text(r)}")
+    if not rows:  # as grep: nothing found is exit status 1
+        print(f"no memories match in namespace {check_namespace(args.namespace)}", file=sys.stderr)
     return 0 if rows else 1
 
 
-def _record_row(record: Any) -> dict[str, Any]:
-    return {**asdict(record), "deleted": record.deleted}
+def _get(args: argparse.Namespace) -> int:
+    from actors.views import memory_view
+
+    store = state.runtime().store
+    current = store.record(args.key, namespace=args.namespace)
+    records = [] if current is None else [current, *store.history(args.key, namespace=args.namespace)]
+    rows = [memory_view(record) for record in records]
+    _emit(args, rows, lambda r: f"v{r['version']}  {_value_text(r)}")
+    if not rows:
+        namespace = check_namespace(args.namespace)
+        print(f"no memory {json.dumps(args.key)} in namespace {namespace}", file=sys.stderr)
+    return 0 if rows else 1
+
+
+def _value_text(row: dict[str, Any]) -> str:
+    return "(deleted)" if row["deleted"] else json.dumps(row["value"], ensure_ascii=False)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from actors.status import read_status, status_lines
+
+    found = read_status(state.runtime(), state.broker(), namespaces=args.namespace, drift=not args.no_drift)
+    print(json.dumps(found.as_dict()) if args.json else "\n".join(status_lines(found)))
+    return found.exit_code
 
 
 def _reconcile(args: argparse.Namespace) -> int:
+    from vectorstore.reconcile import reconcile
+
     drifts = reconcile(state.runtime().memories, args.namespace, repair=not args.dry_run)
     rows = [{"namespace": d.namespace, **d.counts(), "repaired": not args.dry_run} for d in drifts]
     _emit(
@@ -169,6 +200,9 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
+    from actors.payloads import MAX_BATCH_ITEMS
+    from actors.transfer import Bar, NoWorker, import_lines, read_lines, workers_alive
+
     if not 1 <= args.batch_size <= MAX_BATCH_ITEMS:
         print(f"error: --batch-size must be from 1 to {MAX_BATCH_ITEMS}", file=sys.stderr)
         return 2
@@ -202,6 +236,8 @@ def _print_summary(args: argparse.Namespace, summary: dict[str, Any]) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from actors.transfer import export_lines
+
     runtime = state.runtime()
     if args.output is None:
         written = export_lines(runtime, args.namespace, sys.stdout)
@@ -213,12 +249,67 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _migrate_index(args: argparse.Namespace) -> int:
+    from vectorstore.migrate import migrate_legacy
+
     migrated = migrate_legacy(state.runtime().memories.index)
     rows = [{"collection": m.collection, "vectors": m.vectors} for m in migrated]
     _emit(args, rows, lambda r: f"{r['collection']}: {r['vectors']} vectors carried over")
     if not rows and not args.json:
         print("nothing to migrate: every collection of this model is in the current layout")
     return 0
+
+
+def _reindex(args: argparse.Namespace) -> int:
+    from actors.indexes import own_spec
+    from actors.transfer import Bar
+    from vectorstore.embedder import MAX_INPUTS_PER_REQUEST
+    from vectorstore.reindex import ReindexSummary, reindex
+
+    if args.abort:
+        return _abort_reindex(args)
+    if not 1 <= args.batch_size <= MAX_INPUTS_PER_REQUEST:
+        print(f"error: --batch-size must be from 1 to {MAX_INPUTS_PER_REQUEST}", file=sys.stderr)
+        return 2
+    runtime = state.runtime()
+    bar = Bar(None) if sys.stderr.isatty() and not args.json else None
+
+    def show(summary: ReindexSummary) -> None:
+        if bar is not None:
+            bar.total = summary.total
+            bar.show(summary.done, summary.resumed_at)
+
+    target = own_spec(runtime.settings)
+    summary = reindex(runtime.indexes, target, batch_size=args.batch_size, progress=show, drop=args.drop_old)
+    if bar is not None and summary.batches:
+        bar.close()
+    _print_reindex(args, summary.as_dict())
+    return 0
+
+
+def _abort_reindex(args: argparse.Namespace) -> int:
+    from vectorstore.reindex import abort
+
+    migration = abort(state.runtime().indexes)
+    if args.json:
+        print(json.dumps({"aborted": None if migration is None else str(migration.target)}))
+    else:
+        print(f"gave up the migration to {migration.target}" if migration else "no migration is under way")
+    return 0
+
+
+def _print_reindex(args: argparse.Namespace, summary: dict[str, Any]) -> None:
+    if args.json:
+        print(json.dumps(summary))
+        return
+    if summary["switched"]:
+        print(
+            f"search now uses {summary['to']}: {summary['keys']} keys moved from {summary['from']}, "
+            f"{summary['embedded']} texts embedded by this run"
+        )
+    else:
+        print(f"nothing to move: {summary['to']} is the index in use")
+    for name in summary["dropped"]:
+        print(f"dropped {name}")
 
 
 def _count_lines(source: TextIO) -> int:

@@ -11,10 +11,12 @@ from typing import Any
 
 import dramatiq
 import redis
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.common import q_name
 from dramatiq.results import Results
 from dramatiq.results.backends import RedisBackend
 
-from kvstore import Keys
+from kvstore import BrokerKeys, Keys
 
 __all__ = ["DeadLetter", "DeadLetters", "scrub"]
 
@@ -102,19 +104,24 @@ class DeadLetters:
             message = _fresh(letter.message)
             _forget_result(broker, message)
             broker.enqueue(message)
-            self._forget(letter)
+            self._forget(letter, broker)
             replayed.append(message_id)
         return replayed
 
-    def _forget(self, letter: DeadLetter) -> None:
+    def _forget(self, letter: DeadLetter, broker: dramatiq.Broker) -> None:
+        """Drop the letter, and Dramatiq's copy of it on a Redis broker (which may be another Redis).
+
+        RabbitMQ cannot take one message out of a queue: its copy in `<queue>.XQ` stays until
+        Dramatiq's dead-message TTL (7 days by default) expires it.
+        """
+        self.client.hdel(self.keys.dead_letters(), letter.message_id)
         redis_id = str(letter.message.get("options", {}).get("redis_message_id", ""))
-        xqueue = self.keys.dramatiq_dead_queue(letter.queue)
-        pipe = self.client.pipeline()
-        pipe.hdel(self.keys.dead_letters(), letter.message_id)
-        if redis_id:
-            pipe.zrem(xqueue, redis_id)
-            pipe.hdel(f"{xqueue}.msgs", redis_id)
-        pipe.execute()
+        if redis_id and isinstance(broker, RedisBroker):
+            broker_keys = BrokerKeys(broker.namespace)
+            pipe = broker.client.pipeline()
+            pipe.zrem(broker_keys.dead_queue(letter.queue), redis_id)
+            pipe.hdel(broker_keys.dead_messages(letter.queue), redis_id)
+            pipe.execute()
 
 
 def _forget_result(broker: dramatiq.Broker, message: dramatiq.Message[Any]) -> None:
@@ -133,10 +140,8 @@ def _argument(message: dramatiq.MessageProxy | dramatiq.Message[Any], name: str)
 
 
 def _fresh(stored: dict[str, Any]) -> dramatiq.Message[Any]:
-    queue = str(stored["queue_name"])
-    queue = queue[:-3] if queue.endswith(".DQ") else queue
     return dramatiq.Message(
-        queue_name=queue,
+        queue_name=q_name(str(stored["queue_name"])),  # a retry was stored under its delay queue
         actor_name=stored["actor_name"],
         args=tuple(stored["args"]),
         kwargs=stored["kwargs"],

@@ -9,6 +9,7 @@ from typing import Any
 
 from actors import state
 from actors.local import local_stack
+from actors.views import score_text
 from settings import Settings
 
 __all__ = ["run_demo"]
@@ -78,4 +79,4 @@ def _wait(say: Say, title: str, message: Any) -> None:
 def _search(say: Say, step: str) -> None:
     say(f"{step} search({QUESTION!r}, k=3)")
     for hit in state.runtime().memories.search(QUESTION, k=3, namespace=NAMESPACE):
-        say(f"   {hit.score:.3f}  {hit.key} v{hit.version}: {json.dumps(hit.value)}")
+        say(f"   {score_text(hit.score)}  {hit.key} v{hit.version}: {json.dumps(hit.value)}")

@@ -1,29 +1,54 @@
-"""The errors of the wiring, and which errors of every package are worth retrying."""
+"""The errors of the wiring, which errors of every package are worth retrying, and how to say them."""
 
 from __future__ import annotations
 
-from kvstore import InvalidKey, InvalidValue, KeyNotFound, NothingToRollBack, VersionNotFound
-from vectorstore import EmbeddingRejected, InvalidQuery, LocalModelMissing
+from urllib.parse import urlsplit
+
+from dramatiq.middleware import MiddlewareError
+
+from kvstore.errors import (
+    InvalidKey,
+    InvalidValue,
+    KeyNotFound,
+    MemsyncError,
+    NothingToRollBack,
+    RedisServerMissing,
+    VersionNotFound,
+)
+from vectorstore.errors import EmbeddingRejected, InvalidQuery, LocalModelMissing
 
 __all__ = [
     "INPUT_ERRORS",
     "PERMANENT_ERRORS",
+    "ActorsError",
     "InvalidPayload",
     "LocalStackError",
     "MemsyncError",
+    "RefusedAtSend",
     "is_permanent",
+    "redis_unreachable",
 ]
 
 
-class MemsyncError(Exception):
-    """Raised by the wiring (payloads, one-off runs, the local stack); the root of its errors."""
+class ActorsError(MemsyncError):
+    """Raised by the wiring (payloads, one-off runs, the local stack); the root of its errors.
+
+    `MemsyncError`, the root of every package's errors, is the one to catch for all of them.
+    """
 
 
-class InvalidPayload(MemsyncError):
+class InvalidPayload(ActorsError):
     """Raised when a message's arguments do not make a valid sync or rollback."""
 
 
-class LocalStackError(MemsyncError):
+class RefusedAtSend(InvalidPayload, MiddlewareError):
+    """Raised by `send()` when the payload would fail in the worker: nothing was sent.
+
+    A MiddlewareError, so that Dramatiq lets it reach the sender rather than only logging it.
+    """
+
+
+class LocalStackError(ActorsError):
     """Raised when the embedded Redis or the local Chroma server cannot be started or found."""
 
 
@@ -38,6 +63,7 @@ PERMANENT_ERRORS: tuple[type[Exception], ...] = (
     EmbeddingRejected,
     LocalModelMissing,
     InvalidQuery,
+    RedisServerMissing,
 )
 
 
@@ -48,3 +74,11 @@ INPUT_ERRORS: tuple[type[Exception], ...] = (InvalidPayload, InvalidKey, Invalid
 def is_permanent(error: BaseException) -> bool:
     """Whether `error` is a failure for good; anything else (unreachable servers, 429, 5xx) is retried."""
     return isinstance(error, PERMANENT_ERRORS)
+
+
+def redis_unreachable(url: str, *, local: bool) -> str:
+    """What to say when Redis cannot be reached: where (never the password), and what to try."""
+    parts = urlsplit(url)
+    where = parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
+    hint = "start it with `memsync up`" if local else "is REDIS_URL right, and is Redis running?"
+    return f"Redis is unreachable at {where}; {hint}"

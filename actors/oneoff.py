@@ -11,11 +11,12 @@ from contextlib import nullcontext
 from typing import Any, TextIO
 
 from actors import state
-from actors.deadletter import scrub
-from actors.errors import INPUT_ERRORS, InvalidPayload
-from actors.local import local_stack
-from actors.tasks import JOBS, perform
+from actors.errors import InvalidPayload
+from actors.failures import explain
 from kvstore import WriteMeta
+
+#: The jobs a one-off run knows; `actors.tasks.JOBS` runs them (imported on use: it reads the settings).
+JOB_NAMES = ("MEMORY_ROLLBACK", "MEMORY_SYNC")
 
 __all__ = ["main"]
 
@@ -33,16 +34,17 @@ def main(environ: Mapping[str, str] = os.environ, out: TextIO = sys.stdout, err:
     try:
         result = _run(job, fields)
     except Exception as problem:
-        print(f"error: {type(problem).__name__}: {_secretless(str(problem))}", file=err)
-        return 2 if isinstance(problem, INPUT_ERRORS) else 1
+        line, status = explain(problem)
+        print(f"error: {line}", file=err)
+        return status
     print(json.dumps(result), file=out)
     return 0
 
 
 def _read_job(environ: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
     name = environ.get("WORKER_JOB", "")
-    if name not in JOBS:
-        known = ", ".join(sorted(JOBS))
+    if name not in JOB_NAMES:
+        known = ", ".join(JOB_NAMES)
         raise InvalidPayload(f"WORKER_JOB={name!r} is not a job; expected one of {known}")
     text = environ.get("WORKER_PAYLOAD")
     if text is None:
@@ -69,6 +71,9 @@ def _json_object(text: str) -> dict[str, Any]:
 
 def _run(job: str, fields: dict[str, Any]) -> dict[str, Any]:
     """Run with the worker's retry policy, in-process; start the local stack when no URLs are set."""
+    from actors.local import local_stack
+    from actors.tasks import perform
+
     settings = state.settings()
     stack = local_stack(settings) if settings.is_local() else nullcontext()
     meta = WriteMeta(f"oneoff-{os.getpid()}-{time.time_ns()}", time.time_ns() // 1_000_000)
@@ -83,10 +88,6 @@ def _run(job: str, fields: dict[str, Any]) -> dict[str, Any]:
                     raise
                 retries += 1
                 time.sleep(delay / 1000)
-
-
-def _secretless(text: str) -> str:
-    return scrub(text, state.runtime().secrets)
 
 
 if __name__ == "__main__":  # pragma: no cover

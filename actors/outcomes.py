@@ -7,7 +7,7 @@ from typing import Any
 
 from actors.deadletter import scrub
 from actors.runtime import Runtime
-from kvstore import WriteResult
+from kvstore import StoreUnreachable, WriteResult
 
 __all__ = ["answer", "scrub_in_place", "undo"]
 
@@ -25,11 +25,26 @@ def answer(status: str, key: str, result: WriteResult) -> dict[str, Any]:
     }
 
 
-def undo(runtime: Runtime, key: str, namespace: str | None, msg_id: str) -> None:
+def undo(runtime: Runtime, key: str, namespace: str | None, msg_id: str, cause: BaseException) -> None:
+    """Take back what message `msg_id` wrote to `key`, which failed for good with `cause`."""
     try:
         if runtime.memories.undo(key, msg_id, namespace=namespace):
             logger.warning("undid the write of message %s to key %r: it failed for good", msg_id, key)
+    except StoreUnreachable:
+        if isinstance(cause, StoreUnreachable):  # already said by the failure itself
+            logger.info(
+                "message %s: Redis stayed unreachable; its write to key %r, if any, stays", msg_id, key
+            )
+        else:
+            logger.error(
+                "could not undo message %s on key %r: Redis is unreachable; run `memsync reconcile`",
+                msg_id,
+                key,
+            )
     except Exception as error:  # the original failure is the one to report
+        if type(error) is type(cause):  # the same failure stopped the undo: nothing new to say
+            logger.info("message %s: the undo met the job's own failure (%s)", msg_id, type(error).__name__)
+            return
         logger.error(
             "could not finish undoing message %s (%s); run `memsync reconcile`", msg_id, type(error).__name__
         )

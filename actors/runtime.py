@@ -9,31 +9,22 @@ from functools import cached_property
 
 import redis
 
-from actors.broker import retry_policy
+from actors.brokers import retry_policy
 from actors.coalesce import Coalescer
 from actors.deadletter import DeadLetters
+from actors.indexes import active_indexes, embedder_for, own_spec
 from actors.retry import RetryPolicy
 from kvstore import Keys, MemoryStore
 from settings import Settings
-from vectorstore import Embedder, Memories, OpenAIEmbedder, VectorIndex, chroma_client
+from vectorstore import Embedder, Memories
+from vectorstore.active import ActiveIndexes
 
 __all__ = ["Runtime", "make_embedder"]
 
 
 def make_embedder(settings: Settings) -> Embedder:
     """The OpenAI-compatible embedder when a key is set (or asked for), else the offline model."""
-    if settings.uses_openai():
-        key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else ""
-        return OpenAIEmbedder(
-            api_key=key or "unused",
-            model=settings.embedding_model,
-            dimensions=settings.embedding_dimensions,
-            base_url=settings.openai_base_url,
-            timeout_ms=settings.embedding_timeout_ms,
-        )
-    from vectorstore.local_model import LocalMiniLM
-
-    return LocalMiniLM()
+    return embedder_for(settings, own_spec(settings))
 
 
 @dataclass
@@ -71,28 +62,25 @@ class Runtime:
 
     @property
     def memories(self) -> Memories:
-        """Built on first use (it connects to Chroma and may load a model), once per process."""
+        """The active index's services (see `vectorstore.active`): they follow a `memsync reindex`."""
+        return self.indexes.memories()
+
+    @property
+    def indexes(self) -> ActiveIndexes:
+        """Built on first use (it connects to Chroma; an embedder may load a model), once per process."""
         with self._lock:
-            return self._memories
+            return self._indexes
 
     @cached_property
-    def _memories(self) -> Memories:
+    def _indexes(self) -> ActiveIndexes:
         for name in ("httpx", "httpx2"):  # one INFO line per Chroma or embedding request otherwise
             logging.getLogger(name).setLevel(logging.WARNING)
-        embedder = make_embedder(self.settings)
-        client = chroma_client(self.chroma_url, str(self.settings.data_dir / "chroma"))
-        s = self.settings
-        index = VectorIndex(
-            client,
-            model=embedder.model,
-            dimensions=embedder.dimensions,
-            prefix=s.prefix,
-            shards=s.index_shards,
-        )
-        return Memories(self.store, index, embedder, search_retry_budget_ms=s.search_retry_budget_ms)
+        return active_indexes(self.settings, self.store, self.chroma_url)
 
     @cached_property
     def coalescer(self) -> Coalescer:
         """Shares batches between the concurrent single syncs of this process's worker threads."""
         s = self.settings
-        return Coalescer(self.memories.sync_many, window_ms=s.coalesce_ms, max_items=s.coalesce_max)
+        return Coalescer(
+            lambda items: self.memories.sync_many(items), window_ms=s.coalesce_ms, max_items=s.coalesce_max
+        )

@@ -1,51 +1,80 @@
-"""The process-wide wiring: settings, broker and runtime, configured once when `actors` is imported.
+"""The process-wide wiring: settings, broker and runtime, built once, on first use.
 
-Dramatiq binds an actor to a broker when the actor is declared, so the broker has to exist before
-`actors.tasks` is imported; building it reads the settings but connects to nothing.
+Dramatiq binds an actor to a broker when the actor is declared, so the broker is built (and made
+Dramatiq's global one) before `actors.tasks` is imported; building it reads the settings but
+connects to nothing. Nothing here runs at import: `import actors.errors` or `memsync --help`
+reads no setting.
 """
 
 from __future__ import annotations
 
-import dramatiq
-from dramatiq.brokers.redis import RedisBroker
+import importlib
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from actors.broker import build_broker, secrets_of
-from actors.runtime import Runtime
 from settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    import dramatiq
+
+    from actors.runtime import Runtime
 
 __all__ = ["broker", "configure", "runtime", "settings"]
 
-_settings: Settings | None = None
-_runtime: Runtime | None = None
-_broker: RedisBroker | None = None
+
+@dataclass(frozen=True)
+class _Wiring:
+    settings: Settings
+    broker: dramatiq.Broker
+    runtime: Runtime
 
 
-def configure(given: Settings | None = None) -> RedisBroker:
-    """Read the settings, build the broker and the runtime, and make the broker Dramatiq's global one."""
-    global _settings, _runtime, _broker
-    _settings = given or load_settings()
-    redis_url = _settings.effective_redis_url()
-    _broker = broker = build_broker(_settings, redis_url)
-    dramatiq.set_broker(broker)
-    _runtime = Runtime(
-        _settings, redis_url, _settings.effective_chroma_url(), secrets_of(_settings, redis_url)
-    )
-    return broker
+_wiring: _Wiring | None = None
+_lock = threading.RLock()  # re-entered: importing actors.tasks asks for the settings
+
+
+def configure(given: Settings | None = None) -> dramatiq.Broker:
+    """Read the settings (or take `given`), build the broker and runtime, and declare the actors.
+
+    Raises SettingsError, naming the variable, when a setting is malformed.
+    """
+    return _configure(given).broker
+
+
+def _configure(given: Settings | None) -> _Wiring:
+    global _wiring
+    import dramatiq  # the wiring's imports are paid on first use, not by `memsync --help`
+
+    from actors.brokers import build_broker, secrets_of
+    from actors.runtime import Runtime
+
+    with _lock:
+        current = given or load_settings()
+        redis_url = current.effective_redis_url()
+        built = build_broker(current, redis_url)
+        dramatiq.set_broker(built)
+        runtime_ = Runtime(current, redis_url, current.effective_chroma_url(), secrets_of(current, redis_url))
+        _wiring = wiring = _Wiring(current, built, runtime_)
+        importlib.import_module("actors.tasks")  # declares the actors on this broker
+        return wiring
+
+
+def _wired() -> _Wiring:
+    wiring = _wiring
+    if wiring is not None:
+        return wiring
+    with _lock:
+        return _wiring or _configure(None)
 
 
 def settings() -> Settings:
-    if _settings is None:
-        raise RuntimeError("actors.state.configure() has not run")
-    return _settings
+    return _wired().settings
 
 
-def broker() -> RedisBroker:
-    if _broker is None:
-        raise RuntimeError("actors.state.configure() has not run")
-    return _broker
+def broker() -> dramatiq.Broker:
+    return _wired().broker
 
 
 def runtime() -> Runtime:
-    if _runtime is None:
-        raise RuntimeError("actors.state.configure() has not run")
-    return _runtime
+    return _wired().runtime

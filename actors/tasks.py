@@ -17,6 +17,7 @@ from actors.batch import perform_batch
 from actors.errors import PERMANENT_ERRORS
 from actors.outcomes import answer, scrub_in_place, undo
 from actors.payloads import RollbackPayload, SyncPayload, parse
+from actors.retry import RetryPolicy, policy_for
 from actors.runtime import Runtime
 from kvstore import WriteMeta
 from vectorstore import SyncItem
@@ -66,43 +67,50 @@ def perform(
     meta: WriteMeta,
     retries: int,
     runtime: Runtime | None = None,
+    *,
+    policy: RetryPolicy | None = None,
 ) -> dict[str, Any]:
     """Validate the payload and run the job; `retries` is how many attempts failed before this one.
 
-    When the job fails for good, what it wrote is taken back so nothing stays half-applied.
-    `runtime` defaults to this process's.
+    When the job fails for good (by `policy`, the message's), what it wrote is taken back so
+    nothing stays half-applied. `runtime` and `policy` default to this process's.
     """
     model, runner = JOBS[job]
     payload, runtime = parse(model, args, kwargs), runtime or state.runtime()
     try:
         return runner(runtime, payload, meta)
     except Exception as error:
-        if runtime.policy.is_final(error, retries):
-            undo(runtime, payload.key, payload.namespace, meta.msg_id)
+        if (policy or runtime.policy).is_final(error, retries):
+            undo(runtime, payload.key, payload.namespace, meta.msg_id, error)
         scrub_in_place(error, runtime.secrets)  # Dramatiq logs it and stores str(error) as the result
         raise
 
 
-def _current_meta() -> tuple[WriteMeta, int]:
+def _current() -> dict[str, Any]:
+    """The running message's write stamp, retries so far and retry policy, as `perform`'s arguments."""
     message = CurrentMessage.get_current_message()
     if message is None:
-        return WriteMeta(), 0
-    return WriteMeta(message.message_id, message.message_timestamp), int(message.options.get("retries", 0))
+        return {"meta": WriteMeta(), "retries": 0}
+    return {
+        "meta": WriteMeta(message.message_id, message.message_timestamp),
+        "retries": int(message.options.get("retries", 0)),
+        "policy": policy_for(state.broker(), message),
+    }
 
 
 @dramatiq.actor(actor_name="memory_sync", queue_name=state.settings().queue, throws=PERMANENT_ERRORS)
 def memory_sync(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """Keep `value` as the key's new version, and its embedding in step when `embed` is true."""
-    return perform("MEMORY_SYNC", args, kwargs, *_current_meta())
+    return perform("MEMORY_SYNC", args, kwargs, **_current())
 
 
 @dramatiq.actor(actor_name="memory_sync_batch", queue_name=state.settings().queue, throws=PERMANENT_ERRORS)
 def memory_sync_batch(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """Sync up to 1,000 items at once; a result per item, in order. A retry re-runs only the unfinished."""
-    return perform_batch(args, kwargs, *_current_meta(), message=CurrentMessage.get_current_message())
+    return perform_batch(args, kwargs, message=CurrentMessage.get_current_message(), **_current())
 
 
 @dramatiq.actor(actor_name="memory_rollback", queue_name=state.settings().queue, throws=PERMANENT_ERRORS)
 def memory_rollback(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """Restore the key's previous version (or `version`) as a new version."""
-    return perform("MEMORY_ROLLBACK", args, kwargs, *_current_meta())
+    return perform("MEMORY_ROLLBACK", args, kwargs, **_current())

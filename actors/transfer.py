@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from actors.batch import perform_batch
-from actors.errors import MemsyncError
+from actors.errors import ActorsError
+from actors.liveness import live_workers
 from actors.runtime import Runtime
+from actors.views import export_item
 from kvstore import WriteMeta
 
 __all__ = ["Bar", "ImportSummary", "NoWorker", "export_lines", "import_lines", "read_lines", "workers_alive"]
@@ -27,7 +29,7 @@ RESULT_TIMEOUT_MS = 600_000
 _FAILURES_SHOWN = 20
 
 
-class NoWorker(MemsyncError):
+class NoWorker(ActorsError):
     """Raised when an import would send to workers, and none has beaten its heartbeat lately."""
 
 
@@ -150,9 +152,8 @@ def _collect(
 
 
 def workers_alive(runtime: Runtime) -> int:
-    """How many workers have beaten their heartbeat within the heartbeat timeout."""
-    since = time.time() * 1000 - runtime.settings.heartbeat_timeout_ms
-    return int(runtime.redis.zcount(runtime.keys.dramatiq_heartbeats(), since, "+inf"))
+    """How many worker processes have beaten their heartbeat within the heartbeat timeout (either broker)."""
+    return len(live_workers(runtime.redis, runtime.keys.workers(), runtime.settings.heartbeat_timeout_ms))
 
 
 def export_lines(runtime: Runtime, namespaces: list[str] | None, out: TextIO, page: int = 500) -> int:
@@ -165,13 +166,7 @@ def export_lines(runtime: Runtime, namespaces: list[str] | None, out: TextIO, pa
             for record in records.values():
                 if record.deleted:
                     continue
-                line = {
-                    "key": record.key,
-                    "value": record.value,
-                    "embed": record.embed,
-                    "namespace": namespace,
-                }
-                out.write(json.dumps(line, ensure_ascii=False) + "\n")
+                out.write(json.dumps(export_item(record), ensure_ascii=False) + "\n")
                 written += 1
     return written
 
@@ -185,8 +180,11 @@ class Bar:
         self.started = time.monotonic()
 
     def __call__(self, summary: ImportSummary) -> None:
-        done = summary.total
-        rate = done / max(time.monotonic() - self.started, 1e-9)
+        self.show(summary.total)
+
+    def show(self, done: int, since: int = 0) -> None:
+        """Draw `done` items, the rate counting those past `since` (what a resumed run found done)."""
+        rate = (done - since) / max(time.monotonic() - self.started, 1e-9)
         line = f"\r{done}" + (f"/{self.total}" if self.total else "") + f" items  {rate:,.0f} items/s"
         if self.total and rate > 0:
             line += f"  ETA {max(self.total - done, 0) / rate:,.0f} s"

@@ -77,7 +77,7 @@ def padded_to_fixed_length(model: LocalMiniLM) -> LocalMiniLM:
     tokenizer.enable_truncation(max_length=MAX_TOKENS)
     tokenizer.enable_padding(length=MAX_TOKENS)
     fixed = copy.copy(model)
-    fixed._tokenizer = tokenizer  # the one difference between the two runs
+    fixed._loaded = (tokenizer, model._model()[1])  # the one difference between the two runs
     return fixed
 
 

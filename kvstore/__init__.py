@@ -8,18 +8,23 @@ from kvstore.errors import (
     KeyNotFound,
     KVStoreError,
     LockLost,
+    MemsyncError,
     NothingToRollBack,
+    RedisServerMissing,
     StoreUnavailable,
+    StoreUnreachable,
     ValueTooLarge,
     VersionNotFound,
 )
-from kvstore.keys import Keys
-from kvstore.models import KeyRef, Outcome, Record, Write, WriteMeta, WriteResult
-from kvstore.store import MemoryStore
+from kvstore.keys import BrokerKeys, Keys
+from kvstore.models import Census, KeyRef, Outcome, Record, Write, WriteMeta, WriteResult
+from kvstore.store import MemoryStore, redis_translated
 from kvstore.validate import DEFAULT_NAMESPACE, canonical_json, check_key, check_namespace, content_hash
 
 __all__ = [
     "DEFAULT_NAMESPACE",
+    "BrokerKeys",
+    "Census",
     "InvalidKey",
     "InvalidValue",
     "KVStoreError",
@@ -28,10 +33,13 @@ __all__ = [
     "Keys",
     "LockLost",
     "MemoryStore",
+    "MemsyncError",
     "NothingToRollBack",
     "Outcome",
     "Record",
+    "RedisServerMissing",
     "StoreUnavailable",
+    "StoreUnreachable",
     "ValueTooLarge",
     "VersionNotFound",
     "Write",
@@ -41,4 +49,5 @@ __all__ = [
     "check_key",
     "check_namespace",
     "content_hash",
+    "redis_translated",
 ]

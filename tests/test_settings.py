@@ -18,6 +18,7 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         "MEMSYNC_MAX_BACKOFF_MS",
         "OPENAI_API_KEY",
         "REDIS_URL",
+        "BROKER_URL",
         "CHROMA_URL",
     ):
         monkeypatch.delenv(name, raising=False)
@@ -81,6 +82,8 @@ def test_the_api_key_never_appears_in_the_settings_repr(monkeypatch: pytest.Monk
     [
         ("REDIS_URL", "redis://:hunter2@127.0.0.1:notaport/0"),
         ("REDIS_URL", "http://127.0.0.1:6379"),
+        ("BROKER_URL", "amqp://guest:hunter2@127.0.0.1:notaport/%2F"),
+        ("BROKER_URL", "http://guest:hunter2@127.0.0.1:5672"),
         ("CHROMA_URL", "127.0.0.1:8000"),
         ("OPENAI_BASE_URL", "ftp://example"),
     ],
@@ -92,3 +95,22 @@ def test_a_malformed_url_is_refused_naming_the_variable_but_not_the_url(
     with pytest.raises(SettingsError, match=variable) as caught:
         load_settings()
     assert value not in str(caught.value) and "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("broker_url", "rabbitmq", "effective"),
+    [
+        (None, False, "redis://store:6379/0"),
+        ("amqp://guest:guest@rabbit:5672/%2F", True, "amqp://guest:guest@rabbit:5672/%2F"),
+        ("amqps://user:pw@rabbit.example:5671/memsync", True, "amqps://user:pw@rabbit.example:5671/memsync"),
+        ("redis://queues:6379/0", False, "redis://queues:6379/0"),
+    ],
+)
+def test_broker_url_chooses_the_broker_and_defaults_to_the_stores_redis(
+    monkeypatch: pytest.MonkeyPatch, broker_url: str | None, rabbitmq: bool, effective: str
+) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://store:6379/0")
+    if broker_url is not None:
+        monkeypatch.setenv("BROKER_URL", broker_url)
+    settings = load_settings()
+    assert (settings.uses_rabbitmq(), settings.effective_broker_url()) == (rabbitmq, effective)

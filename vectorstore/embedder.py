@@ -15,8 +15,9 @@ from typing import Any, Protocol
 import numpy as np
 import openai
 
-from vectorstore.errors import EmbeddingRejected, EmbeddingUnavailable
+from vectorstore.errors import EmbeddingRejected, EmbeddingUnavailable, VectorStoreError
 from vectorstore.index import Vectors
+from vectorstore.observer import NO_OBSERVER, Observer
 
 __all__ = [
     "MAX_INPUTS_PER_REQUEST",
@@ -68,8 +69,10 @@ class OpenAIEmbedder:
         dimensions: int | None = None,
         base_url: str | None = None,
         timeout_ms: int = 30_000,
+        observer: Observer = NO_OBSERVER,
     ) -> None:
         self._model = model
+        self._observer = observer
         self._dimensions = dimensions
         self._secret = api_key
         self._client = openai.OpenAI(
@@ -93,6 +96,15 @@ class OpenAIEmbedder:
         return np.concatenate(parts) if parts else np.zeros((0, self._dimensions or 0), np.float32)
 
     def _request(self, texts: list[str]) -> Vectors:
+        try:
+            vectors, tokens = self._send(texts)
+        except VectorStoreError as error:
+            self._observer.embedding_request("openai", len(texts), None, error)
+            raise
+        self._observer.embedding_request("openai", len(texts), tokens)
+        return vectors
+
+    def _send(self, texts: list[str]) -> tuple[Vectors, int | None]:
         dimensions: int | openai.Omit = self._dimensions if self._dimensions else openai.omit
         try:
             raw = self._client.embeddings.with_raw_response.create(
@@ -120,26 +132,37 @@ def request_groups(texts: Sequence[str]) -> list[list[str]]:
     return groups
 
 
-def _vectors(body: bytes, expected: int) -> Vectors:
-    """The rows of an embeddings answer, in input order; anything malformed is a transient failure."""
+def _vectors(body: bytes, expected: int) -> tuple[Vectors, int | None]:
+    """The rows of an embeddings answer, in input order, and its prompt tokens.
+
+    Anything malformed is a transient failure.
+    """
     try:
-        data = _answer_data(body)
+        answer = json.loads(body)
+        data = _answer_data(answer)
         ordered = sorted(data, key=lambda item: int(item["index"]))
         rows = [_row(item["embedding"]) for item in ordered]
         if len(rows) != expected:
             raise EmbeddingUnavailable(f"embedding server returned {len(rows)} vectors for {expected} texts")
-        return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
+        return (np.stack(rows) if rows else np.zeros((0, 0), np.float32)), _prompt_tokens(answer)
     except (AttributeError, KeyError, TypeError, ValueError, binascii.Error) as err:
         raise EmbeddingUnavailable(
             f"embedding server answered 200 with no usable embedding list ({type(err).__name__})"
         ) from None
 
 
-def _answer_data(body: bytes) -> list[Any]:
-    data = json.loads(body).get("data")
+def _answer_data(answer: Any) -> list[Any]:
+    data = answer.get("data")
     if not isinstance(data, list):
         raise TypeError("no data list")
     return data
+
+
+def _prompt_tokens(answer: Any) -> int | None:
+    """The answer's `usage.prompt_tokens`, or None when the server did not report a count."""
+    usage = answer.get("usage")
+    tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    return tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0 else None
 
 
 def _row(embedding: Any) -> Vectors:

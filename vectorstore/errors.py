@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from kvstore.errors import MemsyncError
+
 __all__ = [
     "EmbeddingRejected",
     "EmbeddingUnavailable",
     "IndexUnavailable",
+    "InvalidQuery",
     "LocalModelMissing",
     "VectorStoreError",
 ]
 
 
-class VectorStoreError(Exception):
+class VectorStoreError(MemsyncError):
     """Raised when vectorstore cannot do what it was asked; the root of this package's errors."""
 
 
@@ -42,3 +45,7 @@ class LocalModelMissing(VectorStoreError):
 
 class IndexUnavailable(VectorStoreError):
     """Raised when the Chroma server cannot be reached or fails a request."""
+
+
+class InvalidQuery(VectorStoreError):
+    """Raised when a search's query text, k or filter is unusable."""

@@ -266,6 +266,12 @@ class VectorIndex:
         """The namespaces that have at least one vector."""
         return sorted({entry.namespace for entry in self.all_entries()})
 
+    def vector_counts(self) -> dict[str, int]:
+        """How many vectors each shard collection holds, by name; a shard never written is left out."""
+        names = {self._name(shard) for shard in range(self.shards)}
+        with translated():
+            return {c.name: c.count() for c in self.client.list_collections() if c.name in names}
+
     def drop(self, namespace: str) -> None:
         """Delete every vector of a namespace (used to rebuild the index from Redis)."""
         self._call(self.shard_of(namespace), lambda c: c.delete(where={"namespace": namespace}))

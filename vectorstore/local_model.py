@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vectorstore.errors import LocalModelMissing
+from vectorstore.observer import NO_OBSERVER, Observer
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -30,20 +32,27 @@ _TOKENIZER_FILE = ("embeddings", "data", "all-MiniLM-L6-v2-onnx-int8", "tokenize
 class LocalMiniLM:
     """all-MiniLM-L6-v2 embeddings computed in this process: mean pooling, then L2 normalisation.
 
-    The constructor loads the model (about 0.3 s, once per instance) and checks the file's sha256
-    against the one its package pins, since vectors from any other file would live in another space.
-    `embed` may be called from several threads at once: the session is thread-safe, and the
-    tokenizer is configured here and only read afterwards. Each batch is padded to its longest
+    The model is loaded on the first `embed` (about 0.3 s and 388 MB, once per instance), not when
+    the instance is made: a process that only names the model (its name and dimensions pick the
+    index) never pays for it. Loading checks the file's sha256 against the one its package pins,
+    since vectors from any other file would live in another space. `embed` may be called from
+    several threads at once: the session is thread-safe, and the tokenizer is configured once,
+    under a lock, and only read afterwards. Each batch is padded to its longest
     input, not to 256 tokens: short texts then cost a fraction, and the vectors are the same.
-    `threads` is onnxruntime's intra-op thread count (None: one per physical core).
+    `threads` is onnxruntime's intra-op thread count (None: one per physical core). `observer`
+    hears of each call as one request of its texts, without tokens: no server bills or limits them.
     """
 
-    def __init__(self, *, batch_size: int = 32, threads: int | None = None) -> None:
+    def __init__(
+        self, *, batch_size: int = 32, threads: int | None = None, observer: Observer = NO_OBSERVER
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self._batch_size = batch_size
-        self._tokenizer = _load_tokenizer()
-        self._session = _load_session(threads)
+        self._observer = observer
+        self._threads = threads
+        self._loaded: tuple[Tokenizer, Any] | None = None
+        self._lock = threading.Lock()
 
     @property
     def model(self) -> str:
@@ -60,14 +69,24 @@ class LocalMiniLM:
         for start in range(0, len(by_length), self._batch_size):
             batch = by_length[start : start + self._batch_size]
             vectors[batch] = self._embed_batch([texts[i] for i in batch])
+        if texts:
+            self._observer.embedding_request("local", len(texts), None)
         return vectors
 
+    def _model(self) -> tuple[Tokenizer, Any]:
+        """The tokenizer and the onnxruntime session, loaded on first use; LocalModelMissing if absent."""
+        with self._lock:
+            if self._loaded is None:
+                self._loaded = (_load_tokenizer(), _load_session(self._threads))
+            return self._loaded
+
     def _embed_batch(self, texts: list[str]) -> npt.NDArray[np.float32]:
-        encodings = self._tokenizer.encode_batch(texts)
+        tokenizer, session = self._model()
+        encodings = tokenizer.encode_batch(texts)
         ids = np.array([encoding.ids for encoding in encodings], dtype=np.int64)
         mask = np.array([encoding.attention_mask for encoding in encodings], dtype=np.int64)
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-        hidden: npt.NDArray[np.float32] = self._session.run(["last_hidden_state"], feeds)[0]
+        hidden: npt.NDArray[np.float32] = session.run(["last_hidden_state"], feeds)[0]
         return mean_pool_normalised(hidden, mask)
 
 

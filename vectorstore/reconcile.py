@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvstore import KeyRef, Record
-from vectorstore.index import IndexEntry
+from kvstore import KeyRef, MemoryStore, Record
+from vectorstore.index import IndexEntry, VectorIndex
 from vectorstore.sync import Memories
 
-__all__ = ["REPAIR_BATCH", "Drift", "find_drift", "reconcile"]
+__all__ = ["REPAIR_BATCH", "Drift", "drifts", "find_drift", "index_drift", "reconcile"]
 
 #: Keys repaired per batch: one Redis read, one Chroma get and one embedding request each.
 REPAIR_BATCH = 500
@@ -29,9 +29,20 @@ class Drift:
 
 def find_drift(memories: Memories, namespace: str) -> Drift:
     """Compare every embedded current value of a namespace with the index's entries."""
-    records = memories.store.records(memories.store.keys(namespace=namespace), namespace=namespace)
+    return index_drift(memories.store, memories.index, namespace)
+
+
+def drifts(store: MemoryStore, index: VectorIndex, namespaces: list[str] | None = None) -> list[Drift]:
+    """The drift of each namespace (all by default), found without an embedder: a dry-run reconcile."""
+    names = namespaces if namespaces is not None else _all_namespaces(store, index)
+    return [index_drift(store, index, namespace) for namespace in names]
+
+
+def index_drift(store: MemoryStore, index: VectorIndex, namespace: str) -> Drift:
+    """Compare every embedded current value of a namespace with the index's entries."""
+    records = store.records(store.keys(namespace=namespace), namespace=namespace)
     wanted = {key: record for key, record in records.items() if record.embed and not record.deleted}
-    indexed = {entry.key: entry for entry in memories.index.entries(namespace)}
+    indexed = {entry.key: entry for entry in index.entries(namespace)}
     drift = Drift(namespace)
     drift.missing = sorted(set(wanted) - set(indexed))
     drift.stale = sorted(key for key in set(wanted) & set(indexed) if _differs(wanted[key], indexed[key]))
@@ -45,12 +56,11 @@ def reconcile(memories: Memories, namespaces: list[str] | None = None, *, repair
     Only missing and stale vectors are embedded again; a stale vector whose text did not change is
     relabelled without an embedding call.
     """
-    names = namespaces if namespaces is not None else _all_namespaces(memories)
-    drifts = [find_drift(memories, namespace) for namespace in names]
+    found = drifts(memories.store, memories.index, namespaces)
     if repair:
-        for drift in drifts:
+        for drift in found:
             _repair(memories, drift)
-    return drifts
+    return found
 
 
 def _repair(memories: Memories, drift: Drift) -> None:
@@ -64,5 +74,5 @@ def _differs(record: Record, entry: IndexEntry) -> bool:
     return record.version != entry.version or record.content_hash != entry.content_hash
 
 
-def _all_namespaces(memories: Memories) -> list[str]:
-    return sorted(set(memories.store.namespaces()) | set(memories.index.namespaces()))
+def _all_namespaces(store: MemoryStore, index: VectorIndex) -> list[str]:
+    return sorted(set(store.namespaces()) | set(index.namespaces()))

@@ -10,19 +10,16 @@ from typing import Any, TypeVar
 
 from kvstore import MemoryStore, Record, check_namespace
 from vectorstore.embedder import Embedder
-from vectorstore.errors import EmbeddingUnavailable, IndexUnavailable, VectorStoreError
+from vectorstore.errors import EmbeddingUnavailable, IndexUnavailable, InvalidQuery
 from vectorstore.index import IndexEntry, VectorIndex
+from vectorstore.observer import NO_OBSERVER, Observer
 
-__all__ = ["MAX_K", "Hit", "InvalidQuery", "search"]
+__all__ = ["MAX_K", "Hit", "search"]
 
 MAX_K = 1000
 #: The first pause between two tries of a search step; it doubles, within the retry budget.
 FIRST_PAUSE_MS = 50
 T = TypeVar("T")
-
-
-class InvalidQuery(VectorStoreError):
-    """Raised when a search's query text, k or filter is unusable."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +31,7 @@ class Hit:
     score: float
     version: int
     namespace: str
+    updated_at_ms: int  # when this version was written, ms since the epoch
 
 
 def search(
@@ -46,6 +44,7 @@ def search(
     index: VectorIndex,
     embedder: Embedder,
     retry_budget_ms: int = 2_000,
+    observer: Observer = NO_OBSERVER,
 ) -> list[Hit]:
     """The `k` current memories of a namespace closest in meaning to `query`, closest first.
 
@@ -64,6 +63,8 @@ def search(
         entries = retry(functools.partial(index.query, ns, vector, wanted, where))
         hits = _current(entries, store.records([e.key for e in entries], namespace=ns), ns)
         if len(hits) >= k or len(entries) < wanted:
+            if len(entries) > len(hits):  # the last round read every entry the earlier ones did
+                observer.stale_hits_dropped(len(entries) - len(hits))
             return hits[:k]
         wanted *= 2
 
@@ -103,7 +104,8 @@ def _current(entries: list[IndexEntry], records: dict[str, Record], namespace: s
     for entry in entries:
         record = records.get(entry.key)
         if record is not None and _is_current(entry, record):
-            hits.append(Hit(entry.key, record.value, 1.0 - entry.distance, record.version, namespace))
+            score = 1.0 - entry.distance
+            hits.append(Hit(entry.key, record.value, score, record.version, namespace, record.at_ms))
     return hits
 
 

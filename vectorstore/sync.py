@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,7 @@ from kvstore.validate import embedding_text
 from vectorstore.embedder import Embedder
 from vectorstore.errors import EmbeddingRejected, VectorStoreError
 from vectorstore.index import IndexEntry, VectorIndex, Vectors
+from vectorstore.observer import NO_OBSERVER, Observer
 from vectorstore.search import Hit, search
 
 __all__ = ["LOCK_TIMEOUT_MS", "LOCK_WAIT_MS", "ItemResult", "Memories", "SyncItem"]
@@ -62,6 +63,8 @@ LOCK_WAIT_MS = 10_000
 
 #: What a batch gives back for each item: its write's result, or the error that failed it alone.
 ItemResult = WriteResult | Exception
+#: Called after the index step with the keys it brought in step, to do the same in other indexes.
+Mirror = Callable[[list[KeyRef]], None]
 
 
 @dataclass(frozen=True)
@@ -116,11 +119,15 @@ class Memories:
         embedder: Embedder,
         *,
         search_retry_budget_ms: int = 2_000,
+        observer: Observer = NO_OBSERVER,
+        mirror: Mirror | None = None,
     ) -> None:
         self.store = store
         self.index = index
         self.embedder = embedder
         self.search_retry_budget_ms = search_retry_budget_ms
+        self.observer = observer
+        self.mirror = mirror  # brings another index to the same keys (a model migration)
 
     # Syncs and rollbacks.
 
@@ -202,6 +209,7 @@ class Memories:
             index=self.index,
             embedder=self.embedder,
             retry_budget_ms=budget,
+            observer=self.observer,
         )
 
     # Step 1: check.
@@ -250,10 +258,14 @@ class Memories:
             stored = self.index.stored([item.ref for item in items])
         except VectorStoreError:
             return  # embed them all: the index step will say whether Chroma is back
+        skipped = 0
         for item in items:
             entry = stored.get(item.ref)
             if entry is not None and entry.content_hash == item.write.content_hash:
                 item.text = ""
+                skipped += 1
+        if skipped:
+            self.observer.embeddings_skipped(skipped)
 
     # Step 3: embed.
 
@@ -361,6 +373,8 @@ class Memories:
         self.index.upsert([_entry(live[ref]) for ref in upserts], [vectors[ref] for ref in upserts])
         self.index.relabel([_entry(live[ref]) for ref in relabel])
         self.index.delete(gone)
+        if self.mirror is not None:  # still under the keys' locks, when the step holds them
+            self.mirror(list(heads))
 
 
 def _sorted_by_index(

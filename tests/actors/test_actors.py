@@ -11,7 +11,9 @@ import pytest
 
 import actors
 from actors import memory_rollback, memory_sync, state
-from kvstore import MemoryStore
+from actors.queues import queue_counts
+from actors.sendcheck import ValidateOnSend
+from kvstore import MemoryStore, MemsyncError
 from tests.conftest import API_KEY
 from tests.support.embedding_server import EmbeddingServer, mask_key
 from tests.support.results import WAIT_MS, failure_of, result_of
@@ -106,30 +108,52 @@ def test_a_sync_that_runs_out_of_retries_leaves_nothing_half_applied(
     assert len(embedding_service.embedding_requests) == 4  # the first attempt and 3 retries
 
 
-@pytest.mark.parametrize(
-    ("payload", "problem"),
-    [
-        ({"value": "v"}, "key: Field required"),
-        ({"key": 42, "value": "v"}, "key: Input should be a valid string"),
-        ({"key": "", "value": "v"}, "key is empty"),
-        ({"key": "a\x01b", "value": "v"}, "control character"),
-        ({"key": "k"}, "value: Field required"),
-        ({"key": "k", "value": "x" * 1_100_000}, "limit is 1048576"),
-        ({"key": "k", "value": float("nan")}, "NaN|nan"),
-        ({"key": "k", "value": "v", "embed": "yes"}, "embed: Input should be a valid boolean"),
-        ({"key": "k", "value": "v", "colour": "red"}, "colour: Extra inputs are not permitted"),
-        ({"key": "k", "value": "v", "namespace": "a:b"}, "namespace must be"),
-    ],
-)
-def test_an_invalid_payload_is_rejected_at_once_with_its_problem_named(
-    worker: dramatiq.Worker, store: MemoryStore, payload: dict[str, Any], problem: str
+INVALID_PAYLOADS = [
+    ({"value": "v"}, "key: Field required"),
+    ({"key": 42, "value": "v"}, "key: Input should be a valid string"),
+    ({"key": "", "value": "v"}, "key is empty"),
+    ({"key": "a\x01b", "value": "v"}, "control character"),
+    ({"key": "{key}"}, "value: Field required"),
+    ({"key": "{key}", "value": "x" * 1_100_000}, "limit is 1048576"),
+    ({"key": "{key}", "value": float("nan")}, "NaN|nan"),
+    ({"key": "{key}", "value": "v", "embed": "yes"}, "embed: Input should be a valid boolean"),
+    ({"key": "{key}", "value": "v", "colour": "red"}, "colour: Extra inputs are not permitted"),
+    ({"key": "{key}", "value": "v", "namespace": "a:b"}, "namespace must be"),
+]
+
+
+def _named(payload: dict[str, Any], key: str, namespace: str) -> dict[str, Any]:
+    """`payload` with its key placeholder filled, in `namespace` unless it names its own."""
+    return {"namespace": namespace, **payload, **({"key": key} if payload.get("key") == "{key}" else {})}
+
+
+@pytest.mark.parametrize(("payload", "problem"), INVALID_PAYLOADS)
+def test_an_invalid_payload_is_refused_when_sent_and_nothing_is_queued(
+    store: MemoryStore, namespace: str, payload: dict[str, Any], problem: str, empty_queues: None
 ) -> None:
-    message = memory_sync.send(**payload)
+    with pytest.raises(MemsyncError, match=problem):
+        memory_sync.send(**_named(payload, "refused", namespace))
+    assert queue_counts(actors.broker, memory_sync.queue_name).ready == 0
+    assert store.keys(namespace=namespace) == []
+
+
+@pytest.mark.parametrize(("payload", "problem"), INVALID_PAYLOADS)
+def test_an_invalid_payload_from_a_sender_that_does_not_check_is_dead_lettered_at_once(
+    worker: dramatiq.Worker,
+    store: MemoryStore,
+    namespace: str,
+    payload: dict[str, Any],
+    problem: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    unchecked = [m for m in actors.broker.middleware if not isinstance(m, ValidateOnSend)]
+    monkeypatch.setattr(actors.broker, "middleware", unchecked)  # as an older sender, or another language
+    message = memory_sync.send(**_named(payload, "unchecked", namespace))
     failure_of(message)
     letter = state.runtime().dead_letters.get(message.message_id)
     assert letter is not None and letter.retries == 0
     assert re.search(problem, letter.reason), letter.reason
-    assert store.record("k") is None
+    assert store.keys(namespace=namespace) == []
 
 
 def test_a_message_delivered_twice_is_applied_once(

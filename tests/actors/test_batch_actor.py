@@ -12,7 +12,9 @@ import pytest
 
 import actors
 from actors import memory_sync_batch, state
+from actors.errors import RefusedAtSend
 from actors.payloads import MAX_BATCH_ITEMS
+from actors.sendcheck import ValidateOnSend
 from kvstore import MemoryStore
 from tests.support.embedding_server import EmbeddingServer
 from tests.support.results import WAIT_MS, failure_of, result_of
@@ -106,13 +108,23 @@ def test_an_invalid_item_fails_alone_in_the_results(
     ids=["over-long", "an-object", "a-string", "empty", "missing", "bad-option"],
 )
 def test_a_batch_that_is_not_a_list_of_at_most_the_limit_is_refused_whole_and_writes_nothing(
-    worker: dramatiq.Worker, namespace: str, store: MemoryStore, payload: dict[str, Any], problem: str
+    worker: dramatiq.Worker,
+    namespace: str,
+    store: MemoryStore,
+    payload: dict[str, Any],
+    problem: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     if payload.get("items") == "over-long":
         items = [{"key": f"k-{n}", "value": n, "namespace": namespace} for n in range(MAX_BATCH_ITEMS + 1)]
         payload = {"items": items}
-    message = memory_sync_batch.send(**payload)
+    with pytest.raises(RefusedAtSend, match=problem):  # the app hears of it at once
+        memory_sync_batch.send(**payload)
 
+    # A sender that does not check (an older one, or another language): the worker refuses it too.
+    unchecked = [m for m in state.broker().middleware if not isinstance(m, ValidateOnSend)]
+    monkeypatch.setattr(state.broker(), "middleware", unchecked)
+    message = memory_sync_batch.send(**payload)
     assert "InvalidPayload" in failure_of(message)
     letter = state.runtime().dead_letters.get(message.message_id)
     assert letter is not None and letter.retries == 0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
+import uuid
+from typing import Any
 
 import dramatiq
 import pytest
@@ -11,6 +14,11 @@ from actors import memory_sync, state
 from actors.cli import main
 from kvstore import KeyRef
 from tests.support.embedding_server import EmbeddingServer
+
+
+def _rows(capsys: pytest.CaptureFixture[str], argv: list[str]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = _json(capsys, argv)  # type: ignore[assignment]
+    return rows
 
 
 def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> object:
@@ -25,12 +33,89 @@ def test_get_prints_the_current_record_and_its_history(
     store = state.runtime().store
     store.set("k", "one", namespace=namespace)
     store.set("k", "two", namespace=namespace)
-    rows = _json(capsys, ["get", "k", "--namespace", namespace])
-    assert [(row["version"], row["value_json"]) for row in rows] == [(2, '"two"'), (1, '"one"')]  # type: ignore[attr-defined]
+    rows = _rows(capsys, ["get", "k", "--namespace", namespace])
+    assert [(row["version"], row["value"]) for row in rows] == [(2, "two"), (1, "one")]
 
 
-def test_get_of_a_key_never_written_exits_one(capsys: pytest.CaptureFixture[str], namespace: str) -> None:
+def test_get_of_a_key_never_written_says_so_on_stderr_and_exits_one(
+    capsys: pytest.CaptureFixture[str], namespace: str
+) -> None:
     assert main(["get", "ghost", "--namespace", namespace]) == 1
+    printed = capsys.readouterr()
+    assert (printed.out, printed.err) == ("", f'no memory "ghost" in namespace {namespace}\n')
+
+
+def test_get_without_a_namespace_names_the_default_one(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["get", f"ghost-{uuid.uuid4().hex}"]) == 1
+    assert capsys.readouterr().err.endswith(" in namespace default\n")
+
+
+def test_get_json_of_a_key_never_written_prints_an_empty_list_and_exits_one(
+    capsys: pytest.CaptureFixture[str], namespace: str
+) -> None:
+    assert main(["get", "ghost", "--namespace", namespace, "--json"]) == 1
+    printed = capsys.readouterr()
+    assert json.loads(printed.out) == [] and "no memory" in printed.err
+
+
+def test_get_and_search_print_a_memory_in_one_shape_with_its_value_as_json(
+    capsys: pytest.CaptureFixture[str], namespace: str
+) -> None:
+    state.runtime().memories.sync("pet", {"kind": "cat", "colour": "black"}, embed=True, namespace=namespace)
+    [got] = _rows(capsys, ["get", "pet", "--namespace", namespace])
+    [hit] = _rows(capsys, ["search", "cat", "--namespace", namespace])
+    assert {name: hit[name] for name in got} == got
+    assert set(hit) - set(got) == {"score"}
+    assert got == {
+        "namespace": namespace,
+        "key": "pet",
+        "version": 1,
+        "value": {"kind": "cat", "colour": "black"},
+        "embed": True,
+        "deleted": False,
+        "updated_at_ms": got["updated_at_ms"],
+    }
+    assert abs(got["updated_at_ms"] - time.time() * 1000) < 600_000
+
+
+def test_a_deleted_version_shows_no_value_and_says_deleted(
+    capsys: pytest.CaptureFixture[str], namespace: str
+) -> None:
+    store = state.runtime().store
+    store.set("k", "one", namespace=namespace)
+    store.delete("k", namespace=namespace)
+    rows = _rows(capsys, ["get", "k", "--namespace", namespace])
+    assert [(row["version"], row["value"], row["deleted"]) for row in rows] == [
+        (2, None, True),
+        (1, "one", False),
+    ]
+    assert main(["get", "k", "--namespace", namespace]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("v2  (deleted)")
+
+
+def test_search_scores_are_rounded_to_four_decimals(
+    capsys: pytest.CaptureFixture[str], namespace: str
+) -> None:
+    memories = state.runtime().memories
+    for n, text in enumerate(["a black cat", "a stock trader", "a red bicycle"]):
+        memories.sync(f"k{n}", text, embed=True, namespace=namespace)
+    rows = _rows(capsys, ["search", "a cat on a bicycle", "--namespace", namespace])
+    scores = [row["score"] for row in rows]
+    assert len(scores) == 3 and all(score == round(score, 4) for score in scores)
+    capsys.readouterr()
+    assert main(["search", "a cat on a bicycle", "--namespace", namespace]) == 0
+    printed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert printed == [f"{score:.4f}" for score in scores]
+
+
+def test_search_with_no_hits_says_so_on_stderr_and_exits_one_as_grep_does(
+    capsys: pytest.CaptureFixture[str], namespace: str
+) -> None:
+    assert main(["search", "anything", "--namespace", namespace]) == 1
+    printed = capsys.readouterr()
+    assert (printed.out, printed.err) == ("", f"no memories match in namespace {namespace}\n")
+    assert main(["search", "anything", "--namespace", namespace, "--json"]) == 1
+    assert json.loads(capsys.readouterr().out) == []
 
 
 def test_search_prints_current_hits_closest_first(capsys: pytest.CaptureFixture[str], namespace: str) -> None:

@@ -10,8 +10,10 @@ import sys
 
 import pytest
 
+from actors.errors import redis_unreachable
 from kvstore import MemoryStore
 from tests.support.embedding_server import EmbeddingServer
+from tests.support.services import free_port
 
 
 def _run(job: str | None, payload: str | None, **extra: str) -> subprocess.CompletedProcess[str]:
@@ -67,12 +69,19 @@ def test_a_one_off_rollback_restores_the_previous_value(namespace: str, store: M
 def test_bad_input_exits_non_zero_with_one_line_naming_the_problem(
     job: str | None, payload: str | None, problem: str, store: MemoryStore
 ) -> None:
+    before = _versions(store)
     done = _run(job, payload)
     assert done.returncode == 2
     assert done.stdout == ""
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and problem in lines[0], done.stderr
-    assert store.record("k") is None
+    assert _versions(store) == before  # none of these payloads names a namespace: they would write to default
+
+
+def _versions(store: MemoryStore) -> dict[str, int]:
+    """Each key of the default namespace, and its current version."""
+    names = store.keys(namespace=None)
+    return {key: record.version for key in names if (record := store.record(key)) is not None}
 
 
 @pytest.mark.timeout(60)
@@ -101,3 +110,24 @@ def test_a_one_off_run_that_runs_out_of_retries_leaves_nothing_half_applied(
     assert record is not None and (record.value, record.version) == ("a dog", 2)
     # the first attempt, 3 retries, and the undo bringing the index back to "a dog" (refused too)
     assert len(embedding_service.embedding_requests) == 5
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("embed", [False, True])
+def test_a_one_off_run_with_redis_down_says_so_in_one_line_without_the_password(embed: bool) -> None:
+    port = free_port()
+    payload = json.dumps({"key": "k", "value": "a memory", "embed": embed})
+    done = _run("MEMORY_SYNC", payload, REDIS_URL=f"redis://:s3cret-pw@127.0.0.1:{port}/0")
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"error: Redis is unreachable at 127.0.0.1:{port}; is REDIS_URL right, and is Redis running?"
+    ]
+
+
+def test_every_redis_is_unreachable_message_reads_the_same_and_suggests_up_without_a_url() -> None:
+    assert redis_unreachable("redis://:pw@cache.example:6380/0", local=False) == (
+        "Redis is unreachable at cache.example:6380; is REDIS_URL right, and is Redis running?"
+    )
+    assert redis_unreachable("redis://127.0.0.1:6479/0", local=True) == (
+        "Redis is unreachable at 127.0.0.1:6479; start it with `memsync up`"
+    )

@@ -9,9 +9,11 @@ import pytest
 import redis
 
 from kvstore import (
+    Census,
     InvalidKey,
     InvalidValue,
     KeyNotFound,
+    LockLost,
     MemoryStore,
     NothingToRollBack,
     Outcome,
@@ -230,3 +232,32 @@ def test_an_unreachable_redis_is_reported_without_its_password() -> None:
     with pytest.raises(StoreUnavailable) as caught:
         store.get("k")
     assert "hunter2secret" not in str(caught.value)
+
+
+def test_a_key_lock_that_expired_before_its_block_ended_says_so(store: MemoryStore) -> None:
+    with (
+        pytest.raises(LockLost, match="expired while its holder still worked"),
+        store.key_lock("k", timeout_ms=50),
+    ):
+        time.sleep(0.2)
+    with store.key_lock("k", timeout_ms=5_000):  # and the key can be locked again
+        pass
+
+
+def test_a_failing_block_under_a_key_lock_reports_its_own_error_and_frees_the_key(store: MemoryStore) -> None:
+    with pytest.raises(KeyError), store.key_lock("k"):
+        raise KeyError("the block's own")
+    with store.key_lock("k", timeout_ms=5_000):
+        pass
+
+
+def test_a_census_counts_live_keys_and_embedded_ones_in_pages(store: MemoryStore) -> None:
+    for n in range(5):
+        store.set(f"k{n}", n, namespace="counted", embed=n % 2 == 0)
+    store.set("gone", "x", namespace="counted", embed=True)
+    store.delete("gone", namespace="counted")
+    store.set("brief", "x", namespace="counted", embed=True, ttl_ms=50)
+    store.set("elsewhere", "x", namespace="other", embed=True)
+    time.sleep(0.2)
+    assert store.census("counted", page=2) == Census("counted", memories=5, embedded=3)
+    assert store.census("never-written") == Census("never-written", 0, 0)

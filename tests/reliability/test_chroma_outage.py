@@ -104,7 +104,7 @@ def search_errors_while_down(memories: Memories, namespace: str, tries: int) -> 
 
 def retried_for_chroma(log: Path) -> int:
     lines = log.read_text(errors="replace").splitlines()
-    return sum("retrying message" in line and "IndexUnavailable" in line for line in lines)
+    return sum("outcome=retrying" in line and "error=IndexUnavailable" in line for line in lines)
 
 
 def current_hits(memories: Memories, namespace: str, expected: Expectation) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import dramatiq
 import pytest
@@ -155,8 +155,7 @@ def refused(
         result_of(message)
     letter = wait_until(lambda: dead_letters.get(message.message_id), 10, f"the dead letter of the {status}")
     time.sleep(1.0)  # longer than any backoff here: a retry, had there been one, would show by now
-    assert letter is not None
-    return letter, server.embedding_requests[seen:]
+    return cast(DeadLetter, letter), server.embedding_requests[seen:]
 
 
 @pytest.mark.timeout(90)

@@ -24,10 +24,10 @@ from dramatiq.results import ResultBackend, ResultMissing, Results
 
 import actors
 from actors import state
-from actors.broker import build_broker
+from actors.brokers import build_broker
 from actors.deadletter import DeadLetters
 from actors.runtime import make_embedder
-from kvstore import Keys, MemoryStore, Record
+from kvstore import BrokerKeys, Keys, MemoryStore, Record
 from tests.reliability.conftest import Report
 from tests.reliability.invariants import Expectation, check_invariants
 from tests.support.embedding_server import EmbeddingServer
@@ -103,6 +103,7 @@ class App:
 
 def app_on(url: str) -> App:
     broker = build_broker(state.settings(), url)
+    assert isinstance(broker, RedisBroker), "this scenario restarts the Redis broker"
     broker.declare_queue(state.settings().queue)
     backend = next(m.backend for m in broker.middleware if isinstance(m, Results))
     return App(broker, backend)
@@ -162,7 +163,7 @@ def connection_errors(log: Path) -> int:
 
 def worker_ids(app: App) -> list[str]:
     """The broker ids of the worker processes: every id with a heartbeat but the app's own."""
-    beats = app.broker.client.zrange(f"{app.broker.namespace}:__heartbeats__", 0, -1)
+    beats = app.broker.client.zrange(BrokerKeys(app.broker.namespace).heartbeats(), 0, -1)
     ids = [beat.decode() for beat in beats if isinstance(beat, bytes)]
     return [broker_id for broker_id in ids if broker_id != app.broker.broker_id]
 
@@ -236,9 +237,9 @@ def stranded_fetch(app: App, worker_id: str, namespace: str) -> dramatiq.Message
         key="stranded", value="fetched as Redis stopped", embed=True, namespace=namespace
     )
     message = message.copy(options={"redis_message_id": redis_id})
-    client, broker_namespace = app.broker.client, app.broker.namespace
-    client.hset(f"{broker_namespace}:{queue}.msgs", redis_id, message.encode())
-    client.sadd(f"{broker_namespace}:__acks__.{worker_id}.{queue}", redis_id)
+    client, keys = app.broker.client, BrokerKeys(app.broker.namespace)
+    client.hset(keys.queue_messages(queue), redis_id, message.encode())
+    client.sadd(keys.acks(worker_id, queue), redis_id)
     return message
 
 

@@ -25,13 +25,13 @@ from urllib.parse import urlsplit
 import dramatiq
 import pytest
 import redis
-from dramatiq.brokers.redis import RedisBroker
 from dramatiq.results import ResultFailure, Results
 from dramatiq.results.backends import RedisBackend
 
 from actors import memory_sync, state
-from actors.broker import build_broker
+from actors.brokers import build_broker
 from actors.deadletter import DeadLetter, DeadLetters
+from actors.sendcheck import ValidateOnSend
 from kvstore import Keys
 from tests.conftest import API_KEY
 from tests.reliability.conftest import Report
@@ -232,7 +232,9 @@ class Sender:
 
     def __init__(self, env: dict[str, str], server: EmbeddingServer, namespace: str) -> None:
         settings = state.settings().model_copy(update={"prefix": env["MEMSYNC_PREFIX"]})
-        self.broker: RedisBroker = build_broker(settings, env["REDIS_URL"])
+        self.broker: dramatiq.Broker = build_broker(settings, env["REDIS_URL"])
+        # Unchecked, as an older sender: the NaN step must reach the worker, whose refusal is tested.
+        self.broker.middleware[:] = [m for m in self.broker.middleware if not isinstance(m, ValidateOnSend)]
         results = next(middleware for middleware in self.broker.middleware if isinstance(middleware, Results))
         self.backend: RedisBackend = results.backend
         self.server, self.namespace = server, namespace
@@ -338,9 +340,9 @@ def test_no_worker_log_line_holds_a_secret(worker_run: WorkerRun, reliability_re
     assert {400, 401, 429, 500, None} <= set(worker_run.statuses), "the faults did not all happen"
     lines = worker_run.log.splitlines()
     assert any("[DEBUG]" in line for line in lines), "the worker did not log verbosely"
-    assert any("Traceback" in line for line in lines), "no transient failure was logged with its traceback"
+    assert any("outcome=retrying" in line for line in lines), "no transient failure was logged"
     assert any("heartbeat failed" in line for line in lines), "the Redis outage was not logged"
-    assert any("StoreUnavailable: Redis is unreachable" in line for line in lines), "no write met the outage"
+    assert any("error=StoreUnreachable" in line for line in lines), "no write met the outage"
     assert leaks({f"worker log line {number}": line for number, line in enumerate(lines, 1)}) == []
     reliability_report(
         "secrets: worker log under faults",

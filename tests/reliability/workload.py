@@ -27,6 +27,7 @@ from actors import state
 from actors.deadletter import DeadLetters
 from kvstore import Keys, MemoryStore, Record
 from tests.reliability.invariants import Expectation, KeyState
+from tests.support.unchecked import send_unchecked
 
 __all__ = [
     "BrokerView",
@@ -110,7 +111,9 @@ def send(op: Op, namespace: str) -> Sent:
     if op.kind == "sync":
         message = actors.memory_sync.send(key=op.key, value=op.value, embed=op.embed, namespace=namespace)
     elif op.kind == "invalid":
-        message = actors.memory_sync.send(key=op.key, value=op.value, embed="yes", namespace=namespace)
+        message = send_unchecked(
+            actors.memory_sync, key=op.key, value=op.value, embed="yes", namespace=namespace
+        )
     elif op.version is None:
         message = actors.memory_rollback.send(key=op.key, namespace=namespace)
     else:
@@ -322,12 +325,11 @@ class BrokerView:
 
 def broker_view(client: redis.Redis) -> BrokerView:
     """Which messages the queue and its delay queue hold, and who fetched them, read in one transaction."""
-    namespace, queue = Keys(state.settings().prefix).broker_namespace(), state.settings().queue
-    queues = (queue, f"{queue}.DQ")
-    acks = [_text(name) for name in client.scan_iter(match=f"{namespace}:__acks__.*", count=1000)]
+    keys, queue = Keys(state.settings().prefix).broker_keys(), state.settings().queue
+    acks = [_text(name) for name in client.scan_iter(match=f"{keys.acks_prefix()}*", count=1000)]
     pipe = client.pipeline(transaction=True)
-    for name in queues:
-        pipe.hgetall(f"{namespace}:{name}.msgs")
+    for name in (keys.queue_messages(queue), keys.delay_messages(queue)):
+        pipe.hgetall(name)
     for name in acks:
         pipe.smembers(name)
     answers = pipe.execute()
@@ -336,7 +338,7 @@ def broker_view(client: redis.Redis) -> BrokerView:
     }
     fetched: dict[str, frozenset[str]] = {}
     for name, members in zip(acks, answers[2:], strict=True):
-        broker_id = name.removeprefix(f"{namespace}:__acks__.").split(".", 1)[0]
+        broker_id = name.removeprefix(keys.acks_prefix()).split(".", 1)[0]
         mine = frozenset(ids[rid] for rid in map(_text, members) if rid in ids)
         fetched[broker_id] = fetched.get(broker_id, frozenset()) | mine
     return BrokerView(frozenset(ids.values()), fetched)

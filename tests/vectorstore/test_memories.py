@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -11,6 +12,7 @@ import redis
 from kvstore import InvalidValue, KeyRef, MemoryStore, WriteMeta
 from tests.conftest import API_KEY
 from tests.support.embedding_server import EmbeddingServer
+from tests.support.services import start_chroma
 from vectorstore import (
     EmbeddingUnavailable,
     IndexEntry,
@@ -137,11 +139,21 @@ def test_an_unusable_query_is_refused(memories: Memories, query: str, k: int) ->
         memories.search(query, k=k)
 
 
-def test_search_fails_clearly_when_chroma_is_unreachable() -> None:
-    with pytest.raises(IndexUnavailable, match="Chroma"):
-        list(
-            VectorIndex(chroma_client("http://127.0.0.1:1"), model=MODEL, dimensions=None).entries("default")
+def test_search_fails_clearly_when_chroma_is_unreachable(
+    redis_client: redis.Redis, prefix: str, embedding_service: EmbeddingServer, tmp_path: Path
+) -> None:
+    chroma = start_chroma(tmp_path / "chroma")
+    try:
+        index = VectorIndex(chroma_client(chroma.url), model=MODEL, dimensions=None, prefix=prefix)
+        embedder = OpenAIEmbedder(api_key=API_KEY, model=MODEL, base_url=embedding_service.base_url)
+        memories = Memories(
+            MemoryStore(redis_client, prefix=prefix), index, embedder, search_retry_budget_ms=0
         )
+        memories.sync("k", "a memory", embed=True)
+    finally:
+        chroma.stop()
+    with pytest.raises(IndexUnavailable, match="Chroma"):
+        memories.search("a memory")
 
 
 def test_reconcile_repairs_missing_stale_and_orphan_vectors(

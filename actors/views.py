@@ -1,0 +1,69 @@
+"""How a memory looks in every `--json` output of the `memsync` command, defined once.
+
+A memory is `{"namespace", "key", "version", "value", "embed", "deleted", "updated_at_ms"}`, with
+`value` as a JSON value (null for a deleted version); a search hit adds `score`. An export line is
+the part of it that `import` reads back: `{"key", "value", "embed", "namespace"}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvstore import Record
+from vectorstore import Hit
+
+__all__ = ["SCORE_DECIMALS", "export_item", "hit_view", "memory_view", "score_text"]
+
+#: Decimals a search score is rounded to, in JSON and in text alike.
+SCORE_DECIMALS = 4
+
+
+def memory_view(record: Record) -> dict[str, Any]:
+    """One version of a key, as `get --json` prints it."""
+    return _memory(
+        record.namespace,
+        record.key,
+        record.version,
+        record.value,
+        embed=record.embed,
+        deleted=record.deleted,
+        updated_at_ms=record.at_ms,
+    )
+
+
+def hit_view(hit: Hit) -> dict[str, Any]:
+    """A search hit: the memory (always a current, embedded value) and its rounded score."""
+    view = _memory(
+        hit.namespace,
+        hit.key,
+        hit.version,
+        hit.value,
+        embed=True,
+        deleted=False,
+        updated_at_ms=hit.updated_at_ms,
+    )
+    return {**view, "score": round(hit.score, SCORE_DECIMALS)}
+
+
+def export_item(record: Record) -> dict[str, Any]:
+    """A current memory as an `import` item, the line `export` writes."""
+    return {"key": record.key, "value": record.value, "embed": record.embed, "namespace": record.namespace}
+
+
+def score_text(score: float) -> str:
+    """A score as the text output prints it, with the decimals of the JSON one."""
+    return f"{score:.{SCORE_DECIMALS}f}"
+
+
+def _memory(
+    namespace: str, key: str, version: int, value: Any, *, embed: bool, deleted: bool, updated_at_ms: int
+) -> dict[str, Any]:
+    return {
+        "namespace": namespace,
+        "key": key,
+        "version": version,
+        "value": value,
+        "embed": embed,
+        "deleted": deleted,
+        "updated_at_ms": updated_at_ms,
+    }
