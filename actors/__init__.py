@@ -25,8 +25,9 @@ def __getattr__(name: str) -> Any:
     if name == "broker":
         return _state().broker()
     if name in _ACTORS:
-        _state().broker()  # declares the actors
-        return getattr(sys.modules["actors.tasks"], name)
+        _state().broker()  # builds the broker the actors are declared on
+        # Not sys.modules: while another thread still imports actors.tasks, the import lock waits for it.
+        return getattr(importlib.import_module("actors.tasks"), name)
     raise AttributeError(f"module 'actors' has no attribute {name!r}")
 
 

@@ -44,7 +44,7 @@ class MemsyncBroker(RedisBroker):
         consumed: set[str] = self.__dict__.setdefault("_consumed", set())
         if queue_name in consumed:
             self.broker_id = str(uuid.uuid4())
-            logger.warning("consumer of %s reconnected: this worker is now %s", queue_name, self.broker_id)
+            logger.info("consumer of %s reconnected: this worker is now %s", queue_name, self.broker_id)
         consumed.add(queue_name)
         return super().consume(queue_name, prefetch, timeout)
 

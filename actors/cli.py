@@ -36,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`memsync export | head`): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as error:
+        print(f"error: cannot open {error.filename}: {error.strerror}", file=sys.stderr)  # a path given
+        return 2
     except KeyboardInterrupt:  # Ctrl-C: the command stops where it was, as a shell's commands do
         print(file=sys.stderr)
         return 130
@@ -346,10 +349,22 @@ def _dlq_replay(args: argparse.Namespace) -> int:
     if not ids:
         print("error: name message ids, or --all", file=sys.stderr)
         return 2
-    replayed = dead_letters.replay(state.broker(), ids)
-    rows = [{"message_id": message_id, "replayed": message_id in replayed} for message_id in ids]
-    _emit(args, rows, lambda r: f"{r['message_id']}: {'replayed' if r['replayed'] else 'not found'}")
+    refused: dict[str, str] = {}
+    replayed = dead_letters.replay(state.broker(), ids, on_refused=refused.__setitem__)
+    rows = [
+        {"message_id": message_id, "replayed": message_id in replayed, "refused": refused.get(message_id)}
+        for message_id in ids
+    ]
+    _emit(args, rows, _replay_line)
     return 0 if len(replayed) == len(ids) else 1
+
+
+def _replay_line(row: dict[str, Any]) -> str:
+    if row["replayed"]:
+        return f"{row['message_id']}: replayed"
+    if row["refused"]:
+        return f"{row['message_id']}: kept, it would fail again: {row['refused']}"
+    return f"{row['message_id']}: not found"
 
 
 def _emit(

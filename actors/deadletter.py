@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,8 @@ from dramatiq.common import q_name
 from dramatiq.results import Results
 from dramatiq.results.backends import RedisBackend
 
+from actors.errors import InvalidPayload
+from actors.sendcheck import check_as_sent
 from kvstore import BrokerKeys, Keys
 
 __all__ = ["DeadLetter", "DeadLetters", "scrub"]
@@ -90,11 +92,18 @@ class DeadLetters:
         entry = self.client.hget(self.keys.dead_letters(), message_id)
         return None if entry is None else DeadLetter(**json.loads(entry))
 
-    def replay(self, broker: dramatiq.Broker, message_ids: Sequence[str]) -> list[str]:
+    def replay(
+        self,
+        broker: dramatiq.Broker,
+        message_ids: Sequence[str],
+        on_refused: Callable[[str, str], None] | None = None,
+    ) -> list[str]:
         """Put dead-lettered messages back on their queues with their retries reset; returns the ids replayed.
 
         The message keeps its id and send time, so a replay never overwrites a newer write. Its
-        stored failure is removed first, so that waiting for its result waits for the replay.
+        stored failure is removed first, so that waiting for its result waits for the replay. A
+        letter whose payload the broker refuses at send (it would fail again) stays, and
+        `on_refused(message_id, reason)` hears of it; the others are replayed all the same.
         """
         replayed = []
         for message_id in message_ids:
@@ -102,6 +111,12 @@ class DeadLetters:
             if letter is None:
                 continue
             message = _fresh(letter.message)
+            try:
+                check_as_sent(broker, message)
+            except InvalidPayload as refused:
+                if on_refused is not None:
+                    on_refused(message_id, scrub(str(refused), self.secrets))
+                continue
             _forget_result(broker, message)
             broker.enqueue(message)
             self._forget(letter, broker)

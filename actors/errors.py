@@ -25,8 +25,10 @@ __all__ = [
     "LocalStackError",
     "MemsyncError",
     "RefusedAtSend",
+    "chroma_failed",
     "is_permanent",
     "redis_unreachable",
+    "where",
 ]
 
 
@@ -78,7 +80,17 @@ def is_permanent(error: BaseException) -> bool:
 
 def redis_unreachable(url: str, *, local: bool) -> str:
     """What to say when Redis cannot be reached: where (never the password), and what to try."""
-    parts = urlsplit(url)
-    where = parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
     hint = "start it with `memsync up`" if local else "is REDIS_URL right, and is Redis running?"
-    return f"Redis is unreachable at {where}; {hint}"
+    return f"Redis is unreachable at {where(url, 6379)}; {hint}"
+
+
+def chroma_failed(error: BaseException, url: str, *, local: bool) -> str:
+    """What to say when Chroma failed a command's request: what it said, where, and what to try."""
+    hint = "start it with `memsync up`" if local else "is CHROMA_URL right, and is Chroma running?"
+    return f"{error} (Chroma at {where(url, 8000)}); {hint}"
+
+
+def where(url: str, default_port: int) -> str:
+    """A server's host and port (or socket path) from its URL, without the URL's password."""
+    parts = urlsplit(url)
+    return parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or default_port}"

@@ -77,4 +77,4 @@ class Heartbeat(Middleware):
             try:  # the id is read at each beat: MemsyncBroker takes a new one when a consumer reconnects
                 self.client.zadd(self.key, {str(broker.broker_id): time.time_ns() // 1_000_000}, xx=True)
             except redis.RedisError:
-                logger.warning("heartbeat failed; Redis unreachable")
+                logger.debug("Dramatiq's heartbeat failed; Redis unreachable")  # the worker's own one says so

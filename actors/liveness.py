@@ -12,14 +12,13 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
 
 import dramatiq
 import redis
 from dramatiq.middleware import Middleware
 
-__all__ = ["FORGET_AFTER_MS", "WorkerHeartbeat", "live_workers"]
+__all__ = ["FORGET_AFTER_MS", "WorkerHeartbeat", "live_workers", "redis_now_ms"]
 
 #: Entries older than this are removed at each beat: a killed worker's entry lingers no longer.
 FORGET_AFTER_MS = 3_600_000
@@ -40,6 +39,7 @@ class WorkerHeartbeat(Middleware):
         self.interval_s = interval_ms / 1000
         # Each worker of this process beats under an id of its own (a process runs one; tests, several).
         self._beating: dict[dramatiq.Worker, tuple[str, threading.Event]] = {}
+        self._failing = False
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         worker_id, stop = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}", threading.Event()
@@ -62,20 +62,32 @@ class WorkerHeartbeat(Middleware):
             self._beat(worker_id)
 
     def _beat(self, worker_id: str) -> None:
-        now_ms = time.time_ns() // 1_000_000
         try:
+            now_ms = redis_now_ms(self.client)
             pipe = self.client.pipeline(transaction=False)
             pipe.zadd(self.key, {worker_id: now_ms})
             pipe.zremrangebyscore(self.key, "-inf", now_ms - FORGET_AFTER_MS)
             pipe.execute()
         except redis.RedisError:
-            logger.warning("worker heartbeat failed; Redis unreachable")
+            if not self._failing:  # once an outage, not at every beat
+                logger.warning("worker heartbeat failed; Redis unreachable (said once until it is back)")
+            self._failing = True
+            return
+        if self._failing:
+            logger.info("worker heartbeat back: Redis answers again")
+        self._failing = False
 
 
 def live_workers(client: redis.Redis, key: str, timeout_ms: int) -> list[str]:
     """The ids of the worker processes that have beaten within the last `timeout_ms`."""
-    since_ms = time.time_ns() // 1_000_000 - timeout_ms
+    since_ms = redis_now_ms(client) - timeout_ms
     return [_text(member) for member in client.zrangebyscore(key, since_ms, "+inf")]
+
+
+def redis_now_ms(client: redis.Redis) -> int:
+    """Redis's clock, which every worker and command shares, whatever the machines' own clocks say."""
+    seconds, microseconds = client.time()
+    return int(seconds) * 1000 + int(microseconds) // 1000
 
 
 def _text(value: object) -> str:

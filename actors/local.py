@@ -68,23 +68,49 @@ def local_stack(
     (data_dir / "logs").mkdir(parents=True, exist_ok=True)
     stack = LocalStack(settings.effective_redis_url(), settings.effective_chroma_url())
     children = Children(data_dir / "logs", say)
+    with _signals_interrupt():
+        try:
+            with _start_lock(data_dir):
+                if settings.redis_url is None and not _redis_is_ours(settings, data_dir):
+                    _start_redis(children, settings, data_dir, stack)
+                if settings.chroma_url is None and not _chroma_is_ours(settings, data_dir):
+                    _start_chroma(children, settings, data_dir, stack)
+            if worker:
+                children.start(
+                    "worker", worker_command(), env=stack.environment(), stop_timeout_s=_WORKER_STOP_TIMEOUT_S
+                )
+                stack.started.append("worker")
+            stack.children = list(children.started)
+            yield stack
+        finally:
+            chroma = [child.process.pid for child in children.started if child.name == "chroma"]
+            children.stop_all()
+            _forget_chroma(data_dir, chroma)
+
+
+@contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt, as Ctrl-C does, so that what started is stopped.
+
+    The children run in sessions of their own (a terminal's signals reach only this process), so
+    a process killed by a signal's default action would leave them running. Only the main thread
+    can take signals; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    for signum in previous:
+        signal.signal(signum, _interrupt)
     try:
-        with _start_lock(data_dir):
-            if settings.redis_url is None and not _redis_is_ours(settings, data_dir):
-                _start_redis(children, settings, data_dir, stack)
-            if settings.chroma_url is None and not _chroma_is_ours(settings, data_dir):
-                _start_chroma(children, settings, data_dir, stack)
-        if worker:
-            children.start(
-                "worker", worker_command(), env=stack.environment(), stop_timeout_s=_WORKER_STOP_TIMEOUT_S
-            )
-            stack.started.append("worker")
-        stack.children = list(children.started)
-        yield stack
+        yield
     finally:
-        chroma = [child.process.pid for child in children.started if child.name == "chroma"]
-        children.stop_all()
-        _forget_chroma(data_dir, chroma)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def serve_until_signalled(stack: LocalStack) -> None:

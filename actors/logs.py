@@ -43,6 +43,10 @@ _FAILURE_LINES = (
     "Failed to process message %s with unhandled exception.",
     "Failed to process message %s with expected exception %s.",
 )
+#: The actors whose messages name a key.
+_KEYED = frozenset({"memory_sync", "memory_rollback"})
+#: How much of a key a line shows.
+KEY_SHOWN = 100
 #: When each running message of this process started (monotonic ns), by message id.
 _started: dict[str, int] = {}
 
@@ -56,8 +60,8 @@ def describe(message: Any, **fields: Any) -> str:
     """The line of one message: actor, id, key (never the value) and the given fields."""
     parts = [redacted(message)]
     key = _key_of(message)
-    if key is not None:
-        parts.append(f"key={key!r}")
+    if key is not None:  # keys run to 512 characters: a line shows their start
+        parts.append(f"key={key[:KEY_SHOWN]!r}" + ("..." if len(key) > KEY_SHOWN else ""))
     parts.extend(f"{name}={value}" for name, value in fields.items() if value is not None)
     started = _started.get(message.message_id)
     if started is not None:
@@ -66,8 +70,11 @@ def describe(message: Any, **fields: Any) -> str:
 
 
 def _key_of(message: Any) -> str | None:
+    """The key of a sync or rollback (by name, or first); other actors' arguments are not ours to show."""
+    if message.actor_name not in _KEYED:
+        return None
     key = message.kwargs.get("key") if isinstance(message.kwargs, dict) else None
-    if key is None and message.args and message.actor_name != "memory_sync_batch":
+    if key is None and message.args:
         key = message.args[0]
     return key if isinstance(key, str) else None
 

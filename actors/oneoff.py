@@ -33,6 +33,9 @@ def main(environ: Mapping[str, str] = os.environ, out: TextIO = sys.stdout, err:
         return 2
     try:
         result = _run(job, fields)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what the run started is stopped already
+        print("error: interrupted", file=err)
+        return 130
     except Exception as problem:
         line, status = explain(problem)
         print(f"error: {line}", file=err)

@@ -76,6 +76,7 @@ def _rabbitmq_counts(broker: Any, queue: str) -> QueueCounts:
 
 def _rabbitmq_ready(broker: Any, name: str) -> int:
     import pika
+    from dramatiq.errors import ConnectionClosed
 
     try:
         declared = broker.channel.queue_declare(name, passive=True)
@@ -83,5 +84,7 @@ def _rabbitmq_ready(broker: Any, name: str) -> int:
         del broker.channel  # RabbitMQ closes the channel of a failed declaration
         if error.reply_code == 404:  # never declared: nothing in it
             return 0
-        raise
+        raise ConnectionClosed(error) from None  # type: ignore[no-untyped-call]
+    except pika.exceptions.AMQPError as error:  # unreachable, or refused us: as Dramatiq says it
+        raise ConnectionClosed(error) from None  # type: ignore[no-untyped-call]
     return int(declared.method.message_count)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -26,7 +27,8 @@ from dramatiq.middleware import Retries
 
 from actors.deadletter import DeadLetters
 from actors.errors import is_permanent
-from actors.logs import attempt, describe
+from actors.logs import attempt, describe, redacted
+from kvstore.errors import MemsyncError
 from vectorstore.errors import EmbeddingUnavailable
 
 __all__ = ["MAX_RETRY_AFTER_MS", "RetryPolicy", "Retrying", "policy_for"]
@@ -140,6 +142,9 @@ class Retrying(Retries):
         policy = policy_for(broker, message)
         delay = policy.delay_ms(exception, retries)
         error = type(exception).__name__  # never the error's text: it may hold a value or a host
+        if not isinstance(exception, MemsyncError | Retry):  # a bug, not a failure memsync knows
+            frames = "".join(traceback.format_tb(exception.__traceback__))  # code lines only, no values
+            logger.error("%s raised %s (a bug?), at:\n%s", redacted(message), error, frames.rstrip())
         if delay is None:
             logger.error(describe(message, attempt=attempt(message), outcome="failed", error=error))
             self._give_up(broker, message, exception, policy)

@@ -6,24 +6,28 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import redis
 
 from actors.brokers import retry_policy
-from actors.coalesce import Coalescer
 from actors.deadletter import DeadLetters
-from actors.indexes import active_indexes, embedder_for, own_spec
 from actors.retry import RetryPolicy
 from kvstore import Keys, MemoryStore
 from settings import Settings
-from vectorstore import Embedder, Memories
-from vectorstore.active import ActiveIndexes
+
+if TYPE_CHECKING:  # imported where used: a command that reads only Redis pays for neither Chroma nor openai
+    from actors.coalesce import Coalescer
+    from vectorstore import Embedder, Memories
+    from vectorstore.active import ActiveIndexes
 
 __all__ = ["Runtime", "make_embedder"]
 
 
 def make_embedder(settings: Settings) -> Embedder:
     """The OpenAI-compatible embedder when a key is set (or asked for), else the offline model."""
+    from actors.indexes import embedder_for, own_spec
+
     return embedder_for(settings, own_spec(settings))
 
 
@@ -73,6 +77,8 @@ class Runtime:
 
     @cached_property
     def _indexes(self) -> ActiveIndexes:
+        from actors.indexes import active_indexes
+
         for name in ("httpx", "httpx2"):  # one INFO line per Chroma or embedding request otherwise
             logging.getLogger(name).setLevel(logging.WARNING)
         return active_indexes(self.settings, self.store, self.chroma_url)
@@ -80,6 +86,8 @@ class Runtime:
     @cached_property
     def coalescer(self) -> Coalescer:
         """Shares batches between the concurrent single syncs of this process's worker threads."""
+        from actors.coalesce import Coalescer
+
         s = self.settings
         return Coalescer(
             lambda items: self.memories.sync_many(items), window_ms=s.coalesce_ms, max_items=s.coalesce_max

@@ -37,9 +37,14 @@ _lock = threading.RLock()  # re-entered: importing actors.tasks asks for the set
 def configure(given: Settings | None = None) -> dramatiq.Broker:
     """Read the settings (or take `given`), build the broker and runtime, and declare the actors.
 
-    Raises SettingsError, naming the variable, when a setting is malformed.
+    Once per process, before anything else uses the wiring: Dramatiq binds the actors to the broker
+    they were declared on. Raises SettingsError, naming the variable, when a setting is malformed,
+    and RuntimeError when the wiring is built already.
     """
-    return _configure(given).broker
+    with _lock:
+        if _wiring is not None:
+            raise RuntimeError("actors.state.configure() runs once per process, before first use")
+        return _configure(given).broker
 
 
 def _configure(given: Settings | None) -> _Wiring:

@@ -7,10 +7,11 @@ the part of it that `import` reads back: `{"key", "value", "embed", "namespace"}
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kvstore import Record
-from vectorstore import Hit
+if TYPE_CHECKING:
+    from kvstore import Record
+    from vectorstore import Hit
 
 __all__ = ["SCORE_DECIMALS", "export_item", "hit_view", "memory_view", "score_text"]
 

@@ -17,6 +17,7 @@ from kvstore import MemoryStore, MemsyncError
 from tests.conftest import API_KEY
 from tests.support.embedding_server import EmbeddingServer, mask_key
 from tests.support.results import WAIT_MS, failure_of, result_of
+from tests.support.unchecked import unchecked_broker
 
 
 def _dead_letter_reason(message_id: str) -> str:
@@ -204,3 +205,14 @@ def test_positional_arguments_follow_the_seed_order_key_value_embed(
     assert result_of(memory_sync.send(key, {"a": 1}, True))["status"] == "success"
     record = store.record(key)
     assert record is not None and (record.value, record.embed) == ({"a": 1}, True)
+
+
+def test_an_invalid_delayed_message_from_a_sender_that_does_not_check_is_dead_lettered_when_due(
+    worker: dramatiq.Worker, store: MemoryStore, namespace: str
+) -> None:
+    message = memory_sync.message(key="k", value="v", embed="yes", namespace=namespace)
+    unchecked_broker().enqueue(message, delay=200)  # the worker puts it back on the queue once due
+    failure_of(message)
+    letter = state.runtime().dead_letters.get(message.message_id)
+    assert letter is not None and "embed" in letter.reason
+    assert store.keys(namespace=namespace) == []

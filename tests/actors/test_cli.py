@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import dramatiq
 import pytest
+from dramatiq.results import ResultFailure
 
 from actors import memory_sync, state
 from actors.cli import main
 from kvstore import KeyRef
 from tests.support.embedding_server import EmbeddingServer
+from tests.support.services import free_port
+from tests.support.unchecked import send_unchecked
 
 
 def _rows(capsys: pytest.CaptureFixture[str], argv: list[str]) -> list[dict[str, Any]]:
@@ -150,9 +157,33 @@ def test_dlq_list_and_replay(
     mine = [row for row in rows if row["message_id"] == message.message_id]  # type: ignore[attr-defined]
     assert mine and "this input is refused" in mine[0]["reason"] and mine[0]["key"] == "k"
     assert _json(capsys, ["dlq", "replay", message.message_id]) == [
-        {"message_id": message.message_id, "replayed": True}
+        {"message_id": message.message_id, "replayed": True, "refused": None}
     ]
     assert message.get_result(block=True, timeout=20_000)["status"] == "success"
+
+
+def test_dlq_replay_keeps_a_letter_that_would_fail_again_and_replays_the_others(
+    capsys: pytest.CaptureFixture[str],
+    worker: dramatiq.Worker,
+    namespace: str,
+    embedding_service: EmbeddingServer,
+) -> None:
+    invalid = send_unchecked(memory_sync, key="k", value="v", embed="yes", namespace=namespace)
+    embedding_service.fail_next(400)
+    valid = memory_sync.send(key="k2", value="v", embed=True, namespace=namespace)
+    for message in (invalid, valid):
+        with pytest.raises(ResultFailure):
+            message.get_result(block=True, timeout=20_000)
+    capsys.readouterr()
+    assert main(["dlq", "replay", invalid.message_id, valid.message_id]) == 1
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith(f"{invalid.message_id}: kept, it would fail again: invalid payload: embed")
+    assert printed[1] == f"{valid.message_id}: replayed"
+    assert valid.get_result(block=True, timeout=20_000)["status"] == "success"
+    dead_letters = state.runtime().dead_letters
+    assert dead_letters.get(invalid.message_id) is not None and dead_letters.get(valid.message_id) is None
+    with pytest.raises(ResultFailure):  # its stored failure is kept too
+        invalid.get_result()
 
 
 def test_dlq_replay_of_an_unknown_id_exits_one(capsys: pytest.CaptureFixture[str]) -> None:
@@ -163,3 +194,34 @@ def test_dlq_replay_of_an_unknown_id_exits_one(capsys: pytest.CaptureFixture[str
 def test_no_command_prints_usage_and_exits_two(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "usage: memsync" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "path"),
+    [
+        (["import", "--in-process", "/no/such/file.jsonl"], "/no/such/file.jsonl"),
+        (["export", "-o", "/no/such/dir/out.jsonl"], "/no/such/dir/out.jsonl"),
+    ],
+)
+def test_a_file_that_cannot_be_opened_is_one_line_naming_it(
+    capsys: pytest.CaptureFixture[str], argv: list[str], path: str
+) -> None:
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"error: cannot open {path}: No such file or directory\n"
+
+
+def test_chroma_out_of_reach_is_one_line_naming_where() -> None:
+    port = free_port()
+    env = {**os.environ, "CHROMA_URL": f"http://127.0.0.1:{port}"}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "memsync"), "search", "a cat"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stdout) == (1, "")
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: Chroma failed"), done.stderr
+    assert lines[0].endswith(f"(Chroma at 127.0.0.1:{port}); is CHROMA_URL right, and is Chroma running?")

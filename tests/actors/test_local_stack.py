@@ -305,3 +305,25 @@ def test_up_stops_the_rest_and_says_why_when_one_of_its_servers_dies(
     assert "stopping worker..." in up.lines and "stopping chroma..." in up.lines, output
     assert "Traceback" not in output
     assert _port_is_free(chroma_port)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_while_the_stack_starts_stops_what_had_started(
+    tmp_path: Path, embedding_server_factory: EmbeddingServerFactory, signum: signal.Signals
+) -> None:
+    server = embedding_server_factory()
+    data_dir, redis_port, chroma_port = tmp_path / "data", free_port(), free_port()
+    up = _Up(_up_environment(data_dir, redis_port, chroma_port, server))
+    try:
+        # Redis answers within a fraction of a second; Chroma takes seconds: the signal lands in between.
+        wait_until(lambda: not _port_is_free(redis_port), 60, "the stack's Redis to start")
+        children = _descendants(up.process.pid)
+        os.kill(up.process.pid, signum)  # to `memsync up` alone, as a supervisor or a closed terminal does
+        code = up.finish(timeout_s=60)
+    finally:
+        if up.process.poll() is None:
+            up.kill()
+    assert code != 0 and children, up.output()
+    assert not [pid for pid in children if _alive(pid)], up.output()
+    assert _port_is_free(redis_port) and _port_is_free(chroma_port)

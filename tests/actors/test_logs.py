@@ -27,7 +27,7 @@ from dramatiq.errors import BrokerConnectionError
 from dramatiq.results import ResultFailure
 
 from actors import memory_rollback, memory_sync, memory_sync_batch, state
-from actors.logs import JsonLines
+from actors.logs import KEY_SHOWN, JsonLines, describe
 from tests.conftest import API_KEY
 from tests.support.embedding_server import EmbeddingServer
 from tests.support.results import WAIT_MS
@@ -261,3 +261,10 @@ def test_an_acknowledgement_that_meets_a_connection_error_is_logged_without_the_
     assert consumer.acked == ["refused", message.message_id]
     assert f"Failed to post_process_message(memory_sync[{message.message_id}])" in caplog.text
     assert "VALUE-MARKER" not in caplog.text
+
+
+def test_a_line_shows_the_start_of_a_long_key_and_all_of_a_short_one() -> None:
+    long_key, short_key = "k" * 512, "user-42:prefs"
+    long_line = describe(memory_sync.message(key=long_key, value="v"))
+    assert f"key='{'k' * KEY_SHOWN}'..." in long_line and long_key not in long_line
+    assert f"key='{short_key}'" in describe(memory_sync.message(key=short_key, value="v"))

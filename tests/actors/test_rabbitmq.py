@@ -155,3 +155,8 @@ def test_a_command_that_cannot_reach_the_broker_says_so_in_one_line_without_the_
     )
     assert (done.returncode, done.stdout) == (1, "")
     assert done.stderr == "error: the broker is unreachable (ConnectionClosed); is BROKER_URL right?\n"
+    status = subprocess.run(
+        [*command, "status", "--no-drift"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (status.returncode, status.stdout) == (1, "")
+    assert status.stderr == "error: the broker is unreachable (ConnectionClosed); is BROKER_URL right?\n"

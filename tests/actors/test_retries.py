@@ -59,6 +59,12 @@ def asks_again(delay_ms: int) -> int:
     return len(_attempts[message.message_id])
 
 
+@dramatiq.actor(broker=BROKER, actor_name="test_retries_has_a_bug", queue_name=QUEUE, max_retries=0)
+def has_a_bug(value: str) -> None:
+    """Fails as a bug would, with the value in the error's text."""
+    raise KeyError(value)
+
+
 # --- helpers -------------------------------------------------------------------------------------
 
 _FIELD = re.compile(r"(\w+)=('[^']*'|\S+)")
@@ -367,3 +373,15 @@ def test_the_policy_never_retries_a_permanent_error_and_stops_at_max_retries() -
         True,
     ]
     assert RetryPolicy(max_retries=None).delay_ms(EmbeddingUnavailable("busy"), 1000) is not None
+
+
+def test_an_unexpected_error_is_logged_with_where_it_was_raised_and_never_its_text(
+    worker: dramatiq.Worker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="memsync")
+    message = has_a_bug.send("VALUE-IN-A-BUG-7f3a")
+    failure_of(message)
+    texts = [record.getMessage() for record in caplog.records if record.name.startswith("memsync")]
+    bug = [text for text in texts if text.startswith(f"test_retries_has_a_bug[{message.message_id}] raised")]
+    assert len(bug) == 1 and "KeyError" in bug[0] and "raise KeyError(value)" in bug[0], texts
+    assert not [text for text in texts if "VALUE-IN-A-BUG-7f3a" in text]

@@ -101,7 +101,8 @@ def test_status_exits_zero_with_a_live_worker_and_no_drift(
     index = memories.index
     shard = shard_name(index.prefix, index.model, index.dimensions, index.shard_of(namespace), index.shards)
     assert {row["collection"]: row["vectors"] for row in found["collections"]}[shard] >= 1
-    assert found["vectors"] == sum(row["vectors"] for row in found["collections"])
+    stored = [index.client.get_collection(row["collection"]).count() for row in found["collections"]]
+    assert [row["vectors"] for row in found["collections"]] == stored and found["vectors"] == sum(stored)
     assert found["embedding"] == {
         "model": memories.embedder.model,
         "dimensions": memories.embedder.dimensions,

@@ -23,13 +23,16 @@ from tests.support.worker import PROJECT_ROOT
 
 #: What runs on RabbitMQ: the actor tests, and scenario 1 and 1b with the kill inside the index step.
 TARGETS = ("tests/actors", "tests/reliability/test_kills.py")
-#: Actor tests that send nothing through the broker, or build brokers of their own whatever the setting.
+#: Actor tests that send nothing through the broker, build brokers of their own whatever the setting, or
+#: test what does not depend on the broker (kept out to hold the suite near 10 minutes).
 NOT_ON_THE_BROKER = (
     "tests/actors/test_local_stack.py",  # `memsync up`: its own Redis and worker
     "tests/actors/test_oneoff.py",  # one-off runs apply in their own process
     "tests/actors/test_reindex_cli.py",  # `memsync reindex` runs in the command
     "tests/actors/test_indexes.py",  # the active index record
     "tests/actors/test_queues.py",  # a Redis broker and a RabbitMQ broker of its own
+    "tests/actors/test_logs.py",  # the worker's log lines, whatever carries its messages
+    "tests/actors/test_metrics.py",  # the metrics port, whatever carries the messages
 )
 PASS_TIMEOUT_S = 1_080
 _TAIL_LINES = 150
