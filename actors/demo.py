@@ -45,7 +45,8 @@ def run_demo(settings: Settings, say: Say) -> int:
         value = state.runtime().store.get("prefs:theme", namespace=NAMESPACE)
         say(f"   prefs:theme is again {json.dumps(value)}")
         _search(say, "7.")
-    say("done: the data stays in MEMSYNC_DATA_DIR; run `memsync up` to keep the stack running")
+    say(f"done: the data stays in {settings.data_dir} (MEMSYNC_DATA_DIR). To look at it, run `memsync up`,")
+    say(f"   then in another terminal `memsync get prefs:theme --namespace {NAMESPACE}`")
     return 0
 
 
