@@ -172,11 +172,8 @@ def attempt(message: Any) -> int:
 def _outcome(result: Any) -> dict[str, Any]:
     if not isinstance(result, dict):
         return {}
-    if isinstance(result.get("results"), list):  # a batch: `{"status", "results": [...], "counts"}`
-        outcomes: dict[str, int] = {}
-        for item in result["results"]:
-            name = str(item.get("outcome") or item.get("status")) if isinstance(item, dict) else "?"
-            outcomes[name] = outcomes.get(name, 0) + 1
-        counts = ",".join(f"{name}:{count}" for name, count in sorted(outcomes.items()))
-        return {"items": len(result["results"]), "outcomes": counts}
+    if isinstance(result.get("counts"), dict):  # a batch: `{"status", "results": [...], "counts"}`
+        counts = {name: n for name, n in result["counts"].items() if n}
+        listed = ",".join(f"{name}:{n}" for name, n in sorted(counts.items()))
+        return {"items": sum(counts.values()), "outcomes": listed}
     return {"version": result.get("version"), "outcome": result.get("outcome")}

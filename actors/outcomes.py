@@ -7,7 +7,7 @@ from typing import Any
 
 from actors.deadletter import scrub
 from actors.runtime import Runtime
-from kvstore import StoreUnreachable, WriteResult
+from kvstore import WriteResult
 
 __all__ = ["answer", "scrub_in_place", "undo"]
 
@@ -30,19 +30,8 @@ def undo(runtime: Runtime, key: str, namespace: str | None, msg_id: str, cause: 
     try:
         if runtime.memories.undo(key, msg_id, namespace=namespace):
             logger.warning("undid the write of message %s to key %r: it failed for good", msg_id, key)
-    except StoreUnreachable:
-        if isinstance(cause, StoreUnreachable):  # already said by the failure itself
-            logger.info(
-                "message %s: Redis stayed unreachable; its write to key %r, if any, stays", msg_id, key
-            )
-        else:
-            logger.error(
-                "could not undo message %s on key %r: Redis is unreachable; run `memsync reconcile`",
-                msg_id,
-                key,
-            )
     except Exception as error:  # the original failure is the one to report
-        if type(error) is type(cause):  # the same failure stopped the undo: nothing new to say
+        if type(error) is type(cause):  # the failure itself (Redis out of reach, say) already says it
             logger.info("message %s: the undo met the job's own failure (%s)", msg_id, type(error).__name__)
             return
         logger.error(

@@ -60,7 +60,7 @@ class RetryPolicy:
         `retries` is how many retries have happened already. As in Dramatiq, `retry_when` (when set)
         decides instead of `max_retries`. A server's Retry-After wins when it asks for more.
         """
-        if self._is_final(error, retries):
+        if self.is_final(error, retries):
             return None
         if isinstance(error, Retry) and error.delay is not None:
             return int(error.delay)
@@ -69,9 +69,7 @@ class RetryPolicy:
         return max(backoff, min(asked or 0, MAX_RETRY_AFTER_MS))
 
     def is_final(self, error: BaseException, retries: int) -> bool:
-        return self._is_final(error, retries)
-
-    def _is_final(self, error: BaseException, retries: int) -> bool:
+        """Whether a failure after `retries` retries is the last: no retry comes."""
         if is_permanent(error) or (self.throws and isinstance(error, self.throws)):
             return True
         if self.retry_when is not None:
