@@ -371,21 +371,23 @@ def _latencies(call: Callable[[Any], Any], queries: list[Any]) -> list[float]:
 
 def _wait_for_workers(count: int, timeout_s: float = 120.0) -> None:
     from actors import state
+    from actors.liveness import live_workers
 
     runtime = state.runtime()
     deadline = time.monotonic() + timeout_s
-    while runtime.redis.zcard(runtime.keys.dramatiq_heartbeats()) < count:
+    timeout_ms = runtime.settings.heartbeat_timeout_ms
+    while len(live_workers(runtime.redis, runtime.keys.workers(), timeout_ms)) < count:
         if time.monotonic() > deadline:
             raise RuntimeError("the benchmark's worker did not start")
         time.sleep(0.2)
-    time.sleep(1.0)  # each process's consumer threads are up shortly after its first beat
+    time.sleep(1.0)  # each process's consumer threads are up shortly after its first beat (at boot)
 
 
 def _forget_heartbeats() -> None:
     from actors import state
 
     runtime = state.runtime()
-    runtime.redis.delete(runtime.keys.dramatiq_heartbeats())
+    runtime.redis.delete(runtime.keys.workers())
 
 
 def _tree(pid: int) -> list[int]:
