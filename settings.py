@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     embedding_dimensions: int | None = Field(None, alias="EMBEDDING_DIMENSIONS", gt=0, le=16384)
     embedder: Literal["auto", "openai", "local"] = Field("auto", alias="MEMSYNC_EMBEDDER")
     embedding_timeout_ms: int = Field(30_000, alias="MEMSYNC_EMBEDDING_TIMEOUT_MS", gt=0)
+    embedding_max_tokens: int = Field(8191, alias="EMBEDDING_MAX_TOKENS", ge=16, le=1_000_000)
     data_dir: Path = Field(Path(".memsync"), alias="MEMSYNC_DATA_DIR")
     prefix: str = Field("memsync", alias="MEMSYNC_PREFIX", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     queue: str = Field("memsync", alias="MEMSYNC_QUEUE", pattern=r"^[A-Za-z0-9_-]{1,64}$")

@@ -72,7 +72,9 @@ def _unfinished(
         except Exception as error:
             done[str(n)] = _failed(fields, error, runtime)
             continue
-        items[n] = SyncItem(item.key, item.value, item.namespace, item.embed, item.ttl_ms, meta.item(n))
+        items[n] = SyncItem(
+            item.key, item.value, item.namespace, item.embed, item.ttl_ms, meta.item(n), item.metadata
+        )
     return items
 
 

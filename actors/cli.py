@@ -60,7 +60,17 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("query")
     search.add_argument("-k", type=int, default=5)
     search.add_argument("--namespace")
+    search.add_argument(
+        "--where", type=_json_arg, help='a metadata filter as JSON, e.g. \'{"kind": "fact"}\''
+    )
+    search.add_argument("--min-score", type=float, help="leave out hits less similar than this (-1 to 1)")
     search.set_defaults(command=_search)
+    listing = _with_json(sub.add_parser("list", help="the current memories of a namespace, in key order"))
+    listing.add_argument("--namespace")
+    listing.add_argument("--where", type=_json_arg, help="a metadata filter as JSON")
+    listing.add_argument("--limit", type=int, default=100, help="memories per page (1 to 1000)")
+    listing.add_argument("--cursor", help="where to go on from: the cursor the previous page printed")
+    listing.set_defaults(command=_list)
     get = _with_json(sub.add_parser("get", help="a key's current value and its history"))
     get.add_argument("key")
     get.add_argument("--namespace")
@@ -155,12 +165,37 @@ def _demo(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     from actors.views import hit_view, score_text
 
-    hits = state.runtime().memories.search(args.query, args.k, args.namespace)
+    memories = state.runtime().memories
+    hits = memories.search(args.query, args.k, args.namespace, args.where, min_score=args.min_score)
     rows = [hit_view(hit) for hit in hits]
     _emit(args, rows, lambda r: f"{score_text(r['score'])}  {r['key']} (v{r['version']}): {_value_text(r)}")
     if not rows:  # as grep: nothing found is exit status 1
         print(f"no memories match in namespace {check_namespace(args.namespace)}", file=sys.stderr)
     return 0 if rows else 1
+
+
+def _list(args: argparse.Namespace) -> int:
+    from actors.views import memory_view
+    from kvstore.listing import list_memories
+
+    store = state.runtime().store
+    page = list_memories(store, args.namespace, args.where, limit=args.limit, cursor=args.cursor)
+    rows = [memory_view(record) for record in page.memories]
+    if args.json:
+        print(json.dumps({"memories": rows, "cursor": page.cursor}, default=str))
+        return 0
+    for row in rows:
+        print(f"{row['key']} (v{row['version']}): {_value_text(row)}")
+    if page.cursor is not None:
+        print(f"more: --cursor {page.cursor}", file=sys.stderr)
+    return 0
+
+
+def _json_arg(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {err}") from None
 
 
 def _get(args: argparse.Namespace) -> int:

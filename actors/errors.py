@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 from dramatiq.middleware import MiddlewareError
 
 from kvstore.errors import (
+    InvalidFilter,
     InvalidKey,
     InvalidValue,
     KeyNotFound,
@@ -57,6 +58,7 @@ class LocalStackError(ActorsError):
 #: Errors that no retry can cure: the message is dead-lettered at once, nothing written.
 PERMANENT_ERRORS: tuple[type[Exception], ...] = (
     InvalidPayload,
+    InvalidFilter,
     InvalidKey,
     InvalidValue,
     KeyNotFound,
@@ -65,12 +67,20 @@ PERMANENT_ERRORS: tuple[type[Exception], ...] = (
     EmbeddingRejected,
     LocalModelMissing,
     InvalidQuery,
+    InvalidFilter,
     RedisServerMissing,
 )
 
 
 #: Errors that say the input itself is bad (a one-off run exits 2 for them).
-INPUT_ERRORS: tuple[type[Exception], ...] = (InvalidPayload, InvalidKey, InvalidValue)
+INPUT_ERRORS: tuple[type[Exception], ...] = (
+    InvalidPayload,
+    InvalidFilter,
+    InvalidKey,
+    InvalidValue,
+    InvalidFilter,
+    InvalidQuery,
+)
 
 
 def is_permanent(error: BaseException) -> bool:

@@ -51,6 +51,7 @@ def _openai(settings: Settings, spec: IndexSpec) -> OpenAIEmbedder:
         dimensions=spec.dimensions,
         base_url=settings.openai_base_url,
         timeout_ms=settings.embedding_timeout_ms,
+        max_input_tokens=settings.embedding_max_tokens,
         observer=metrics.observer(settings),
     )
 

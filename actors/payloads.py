@@ -8,7 +8,7 @@ from typing import Any, ClassVar, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
 
 from actors.errors import InvalidPayload
-from kvstore import KVStoreError, check_key, check_namespace
+from kvstore import KVStoreError, Scalar, check_key, check_metadata, check_namespace
 
 __all__ = [
     "MAX_BATCH_ITEMS",
@@ -21,6 +21,7 @@ __all__ = [
 ]
 
 P = TypeVar("P", bound=BaseModel)
+C = TypeVar("C")
 
 #: The longest time to live: the largest integer the write script's Lua numbers (doubles) hold exactly.
 #: Past it they lose digits, and from about 1e17 Redis refuses them after the script has written the value.
@@ -50,13 +51,19 @@ class _Payload(BaseModel):
 
 
 class SyncPayload(_Payload):
-    """`{key, value, embed?, namespace?, ttl_ms?}`: the MEMORY_SYNC job."""
+    """`{key, value, embed?, namespace?, ttl_ms?, metadata?}`: the MEMORY_SYNC job."""
 
-    positional: ClassVar[tuple[str, ...]] = ("key", "value", "embed", "namespace", "ttl_ms")
+    positional: ClassVar[tuple[str, ...]] = ("key", "value", "embed", "namespace", "ttl_ms", "metadata")
 
     value: JsonValue
     embed: bool = False
     ttl_ms: int | None = Field(None, gt=0, le=MAX_TTL_MS)
+    metadata: dict[str, Scalar] | None = None
+
+    @field_validator("metadata", mode="plain")
+    @classmethod
+    def _usable_metadata(cls, metadata: Any) -> dict[str, Scalar] | None:
+        return _checked(check_metadata, metadata) or None
 
 
 class RollbackPayload(_Payload):
@@ -68,7 +75,7 @@ class RollbackPayload(_Payload):
 
 
 class BatchPayload(BaseModel):
-    """`{items: [{key, value, embed?, namespace?, ttl_ms?}, ...], skip_unchanged?}`: MEMORY_SYNC_BATCH.
+    """`{items: [{key, value, embed?, namespace?, ttl_ms?, metadata?}, ...], skip_unchanged?}`: the batch job.
 
     Each item is checked on its own (`parse_item`), so one bad item fails alone.
     """
@@ -102,7 +109,7 @@ def parse(model: type[P], args: tuple[Any, ...], kwargs: dict[str, Any]) -> P:
         raise InvalidPayload("invalid payload: " + _describe(err)) from None
 
 
-def _checked(check: Callable[[Any], str], value: Any) -> str:
+def _checked(check: Callable[[Any], C], value: Any) -> C:
     try:
         return check(value)
     except KVStoreError as err:

@@ -40,7 +40,9 @@ def run_sync(runtime: Runtime, payload: SyncPayload, meta: WriteMeta) -> dict[st
 
 
 def _item(payload: SyncPayload, meta: WriteMeta) -> SyncItem:
-    return SyncItem(payload.key, payload.value, payload.namespace, payload.embed, payload.ttl_ms, meta)
+    return SyncItem(
+        payload.key, payload.value, payload.namespace, payload.embed, payload.ttl_ms, meta, payload.metadata
+    )
 
 
 def run_rollback(runtime: Runtime, payload: RollbackPayload, meta: WriteMeta) -> dict[str, Any]:

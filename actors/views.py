@@ -1,12 +1,15 @@
 """How a memory looks in every `--json` output of the `memsync` command, defined once.
 
-A memory is `{"namespace", "key", "version", "value", "embed", "deleted", "updated_at_ms"}`, with
-`value` as a JSON value (null for a deleted version); a search hit adds `score`. An export line is
-the part of it that `import` reads back: `{"key", "value", "embed", "namespace"}`.
+A memory is `{"namespace", "key", "version", "value", "embed", "deleted", "updated_at_ms",
+"metadata"}`, with `value` as a JSON value (null for a deleted version); a search hit adds `score`,
+and `chunk` and `span` (the matched chunk's number and character offsets in the text, null when the
+text is one chunk). An export line is the part of it that `import` reads back: `{"key", "value",
+"embed", "namespace"}` and `"metadata"` when the memory has any.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -29,6 +32,7 @@ def memory_view(record: Record) -> dict[str, Any]:
         embed=record.embed,
         deleted=record.deleted,
         updated_at_ms=record.at_ms,
+        metadata=record.metadata,
     )
 
 
@@ -42,13 +46,16 @@ def hit_view(hit: Hit) -> dict[str, Any]:
         embed=True,
         deleted=False,
         updated_at_ms=hit.updated_at_ms,
+        metadata=hit.metadata,
     )
-    return {**view, "score": round(hit.score, SCORE_DECIMALS)}
+    span = list(hit.span) if hit.span is not None else None
+    return {**view, "score": round(hit.score, SCORE_DECIMALS), "chunk": hit.chunk, "span": span}
 
 
 def export_item(record: Record) -> dict[str, Any]:
     """A current memory as an `import` item, the line `export` writes."""
-    return {"key": record.key, "value": record.value, "embed": record.embed, "namespace": record.namespace}
+    item = {"key": record.key, "value": record.value, "embed": record.embed, "namespace": record.namespace}
+    return {**item, "metadata": record.metadata} if record.metadata_json else item
 
 
 def score_text(score: float) -> str:
@@ -57,7 +64,15 @@ def score_text(score: float) -> str:
 
 
 def _memory(
-    namespace: str, key: str, version: int, value: Any, *, embed: bool, deleted: bool, updated_at_ms: int
+    namespace: str,
+    key: str,
+    version: int,
+    value: Any,
+    *,
+    embed: bool,
+    deleted: bool,
+    updated_at_ms: int,
+    metadata: Mapping[str, Any],
 ) -> dict[str, Any]:
     return {
         "namespace": namespace,
@@ -67,4 +82,5 @@ def _memory(
         "embed": embed,
         "deleted": deleted,
         "updated_at_ms": updated_at_ms,
+        "metadata": dict(metadata),
     }

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from kvstore.errors import (
+    InvalidFilter,
     InvalidKey,
+    InvalidMetadata,
     InvalidValue,
     KeyNotFound,
     KVStoreError,
@@ -19,13 +21,24 @@ from kvstore.errors import (
 from kvstore.keys import BrokerKeys, Keys
 from kvstore.models import Census, KeyRef, Outcome, Record, Write, WriteMeta, WriteResult
 from kvstore.store import MemoryStore, redis_translated
-from kvstore.validate import DEFAULT_NAMESPACE, canonical_json, check_key, check_namespace, content_hash
+from kvstore.validate import (
+    DEFAULT_NAMESPACE,
+    Scalar,
+    canonical_json,
+    check_key,
+    check_metadata,
+    check_namespace,
+    content_hash,
+    metadata_json,
+)
 
 __all__ = [
     "DEFAULT_NAMESPACE",
     "BrokerKeys",
     "Census",
+    "InvalidFilter",
     "InvalidKey",
+    "InvalidMetadata",
     "InvalidValue",
     "KVStoreError",
     "KeyNotFound",
@@ -38,6 +51,7 @@ __all__ = [
     "Outcome",
     "Record",
     "RedisServerMissing",
+    "Scalar",
     "StoreUnavailable",
     "StoreUnreachable",
     "ValueTooLarge",
@@ -47,7 +61,9 @@ __all__ = [
     "WriteResult",
     "canonical_json",
     "check_key",
+    "check_metadata",
     "check_namespace",
     "content_hash",
+    "metadata_json",
     "redis_translated",
 ]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 __all__ = [
+    "InvalidFilter",
     "InvalidKey",
+    "InvalidMetadata",
     "InvalidValue",
     "KVStoreError",
     "KeyNotFound",
@@ -26,6 +28,10 @@ class KVStoreError(MemsyncError):
     """Raised when kvstore cannot do what it was asked; the root of this package's errors."""
 
 
+class InvalidFilter(KVStoreError):
+    """Raised when a metadata filter is malformed."""
+
+
 class InvalidKey(KVStoreError):
     """Raised when a key or namespace is empty, too long, of the wrong type or holds control characters."""
 
@@ -36,6 +42,10 @@ class InvalidValue(KVStoreError):
 
 class ValueTooLarge(InvalidValue):
     """Raised when a value's canonical JSON is larger than the configured limit."""
+
+
+class InvalidMetadata(InvalidValue):
+    """Raised when metadata is not a flat object of bounded string, number and boolean values."""
 
 
 class KeyNotFound(KVStoreError):

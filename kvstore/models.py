@@ -86,6 +86,7 @@ class Write:
     ttl_ms: int | None = None
     lock_token: str = ""
     skip_unchanged: bool = False
+    metadata_json: str = ""  # set: the metadata's canonical JSON, "" for none
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class Record:
     msg_id: str
     msg_ts: int
     at_ms: int
+    metadata_json: str = ""
 
     @property
     def deleted(self) -> bool:
@@ -109,6 +111,11 @@ class Record:
     @property
     def value(self) -> Any:
         return None if self.value_json is None else json.loads(self.value_json)
+
+    @property
+    def metadata(self) -> dict[str, str | int | float | bool]:
+        """The version's metadata ({} when it has none)."""
+        return json.loads(self.metadata_json) if self.metadata_json else {}
 
     @property
     def ref(self) -> KeyRef:
@@ -127,6 +134,7 @@ class Record:
             msg_id=fields.get("msg_id", ""),
             msg_ts=int(fields.get("msg_ts", "0")),
             at_ms=int(fields.get("at_ms", "0")),
+            metadata_json=fields.get("meta", ""),
         )
 
 

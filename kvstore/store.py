@@ -21,7 +21,7 @@ from kvstore.errors import (
 from kvstore.keys import Keys
 from kvstore.models import Census, KeyRef, Outcome, Record, Write, WriteMeta, WriteResult, now_ms
 from kvstore.scripts import Script, run_pipelined
-from kvstore.validate import canonical_json, check_key, check_namespace
+from kvstore.validate import Scalar, canonical_json, check_key, check_metadata, check_namespace, metadata_json
 
 __all__ = ["MemoryStore", "WriteMeta", "redis_translated"]
 
@@ -81,11 +81,16 @@ class MemoryStore:
         content_hash: str = "",
         ttl_ms: int | None = None,
         meta: WriteMeta | None = None,
+        metadata: Mapping[str, Scalar] | None = None,
     ) -> WriteResult:
-        """Write a new version of `key` holding `value` (any JSON)."""
+        """Write a new version of `key` holding `value` (any JSON) and `metadata` (see `check_metadata`)."""
         value_json = canonical_json(value, self.max_value_bytes)
+        labels = metadata_json(check_metadata(metadata))
         ref, meta = _ref(namespace, key), meta or WriteMeta()
-        write = Write(ref, "set", meta, value_json, embed=embed, content_hash=content_hash, ttl_ms=ttl_ms)
+        write = Write(
+            ref, "set", meta, value_json, embed=embed, content_hash=content_hash, ttl_ms=ttl_ms,
+            metadata_json=labels,
+        )  # fmt: skip
         return self._one(write)
 
     def delete(self, key: str, *, namespace: str | None = None, meta: WriteMeta | None = None) -> WriteResult:
@@ -269,6 +274,7 @@ class MemoryStore:
             w.ref.key, w.ref.namespace, w.mode, w.payload, "1" if w.embed else "0", w.content_hash,
             meta.msg_id, meta.msg_ts, self._clock(), self.history_length, w.ttl_ms or 0,
             "1" if meta.ordered else "0", w.lock_token, lock_ttl_ms, "1" if w.skip_unchanged else "0",
+            w.metadata_json,
         ]  # fmt: skip
 
 

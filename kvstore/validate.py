@@ -7,19 +7,26 @@ import json
 import math
 import re
 import unicodedata
+from collections.abc import Mapping
 from typing import Any
 
-from kvstore.errors import InvalidKey, InvalidValue, ValueTooLarge
+from kvstore.errors import InvalidKey, InvalidMetadata, InvalidValue, ValueTooLarge
 
 __all__ = [
     "DEFAULT_NAMESPACE",
     "MAX_DEPTH",
     "MAX_KEY_LENGTH",
+    "MAX_METADATA_BYTES",
+    "MAX_METADATA_FIELDS",
+    "MAX_METADATA_STRING_BYTES",
+    "Scalar",
     "canonical_json",
     "check_key",
+    "check_metadata",
     "check_namespace",
     "content_hash",
     "embedding_text",
+    "metadata_json",
 ]
 
 DEFAULT_NAMESPACE = "default"
@@ -27,6 +34,13 @@ MAX_KEY_LENGTH = 512
 MAX_DEPTH = 64
 _NAMESPACE = re.compile(r"[A-Za-z0-9_.@-]{1,128}")
 _FORBIDDEN_CATEGORIES = {"Cc", "Cs", "Zl", "Zp"}
+
+#: A metadata value: what Chroma's metadata and filters hold.
+Scalar = str | int | float | bool
+MAX_METADATA_FIELDS = 32
+MAX_METADATA_STRING_BYTES = 1024
+MAX_METADATA_BYTES = 8192
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 
 
 def check_key(key: object) -> str:
@@ -118,3 +132,64 @@ def _check_text(text: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidValue("value holds text that is not valid UTF-8 (a lone surrogate)") from None
+
+
+def check_metadata(metadata: object) -> dict[str, Scalar]:
+    """Return `metadata` if it is usable: a flat object of strings, numbers and booleans, bounded.
+
+    None and {} mean no metadata. Names are 1-64 of A-Z a-z 0-9 _ . - (not starting with a digit, '.'
+    or '-'), at most `MAX_METADATA_FIELDS` of them; a string holds at most `MAX_METADATA_STRING_BYTES`
+    bytes; an integer fits 64 bits; the whole, as JSON, at most `MAX_METADATA_BYTES`.
+    """
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise InvalidMetadata(f"metadata must be an object, not {type(metadata).__name__}")
+    if len(metadata) > MAX_METADATA_FIELDS:
+        raise InvalidMetadata(f"metadata has {len(metadata)} fields; the limit is {MAX_METADATA_FIELDS}")
+    for name, value in metadata.items():
+        _check_field(name, value)
+    size = len(metadata_json(metadata).encode("utf-8"))
+    if size > MAX_METADATA_BYTES:
+        raise InvalidMetadata(f"metadata is {size} bytes as JSON; the limit is {MAX_METADATA_BYTES}")
+    return dict(metadata)
+
+
+def metadata_json(metadata: Mapping[str, Scalar]) -> str:
+    """The canonical JSON of checked metadata; "" for none (so that no metadata is stored as nothing)."""
+    if not metadata:
+        return ""
+    return json.dumps(metadata, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _check_field(name: object, value: object) -> None:
+    if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name):
+        shown = repr(name)[:80]
+        raise InvalidMetadata(
+            f"metadata field name {shown} is not 1-64 of A-Z, a-z, 0-9, '_', '.', '-' "
+            "starting with a letter or '_'"
+        )
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise InvalidMetadata(f"metadata field {name!r}: integer out of the 64-bit range")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidMetadata(f"metadata field {name!r}: {value!r} is not a finite number")
+    elif isinstance(value, str):
+        _check_metadata_text(name, value)
+    else:
+        kind = "null" if value is None else type(value).__name__
+        raise InvalidMetadata(f"metadata field {name!r}: a {kind}; values are strings, numbers or booleans")
+
+
+def _check_metadata_text(name: str, value: str) -> None:
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidMetadata(f"metadata field {name!r}: text that is not valid UTF-8") from None
+    if size > MAX_METADATA_STRING_BYTES:
+        raise InvalidMetadata(
+            f"metadata field {name!r}: {size} bytes of text; the limit is {MAX_METADATA_STRING_BYTES}"
+        )

@@ -19,7 +19,8 @@
 -- ARGV[12] "1" when the message's send time orders it; "0" for a direct call, which always applies
 -- ARGV[13] index lock token, "" to take no lock
 -- ARGV[14] index lock time to live in ms
--- ARGV[15] set: "1" to change nothing when the current value, embed flag and hash are the same
+-- ARGV[15] set: "1" to change nothing when the current value, embed flag, hash and metadata are the same
+-- ARGV[16] set: the metadata's canonical JSON, "" for none
 --
 -- Returns {outcome, lock, field, value, field, value, ...}: the outcome ("applied", "duplicate",
 -- "stale", "unchanged", or for a rollback "missing", "nothing", "no_version"); the index lock ("held"
@@ -83,8 +84,9 @@ end
 -- What the new version holds: {value=..., embed=..., hash=...}; value nil means deleted.
 local new = nil
 if mode == "set" then
-    new = {value = ARGV[4], embed = ARGV[5], hash = ARGV[6]}
+    new = {value = ARGV[4], embed = ARGV[5], hash = ARGV[6], meta = ARGV[16]}
     local same = head.value == new.value and head.embed == new.embed and (head.hash or "") == new.hash
+        and (head.meta or "") == new.meta
     if skip_same and same then return answer("unchanged") end
 elseif mode == "delete" then
     new = {embed = "0", hash = ""}
@@ -94,7 +96,7 @@ else
     for _, entry in ipairs(redis.call("LRANGE", hist_key, 0, -1)) do
         local old = cjson.decode(entry)
         if wanted == "" or old.version == wanted then
-            new = {value = old.value, embed = old.embed, hash = old.hash}
+            new = {value = old.value, embed = old.embed, hash = old.hash, meta = old.meta}
             break
         end
     end
@@ -113,6 +115,7 @@ end
 redis.call("DEL", head_key)
 redis.call("HSET", head_key, "version", version, "embed", new.embed, "hash", new.hash,
     "msg_id", msg_id, "msg_ts", string.format("%.0f", msg_ts), "at_ms", now)
+if new.meta ~= nil and new.meta ~= "" then redis.call("HSET", head_key, "meta", new.meta) end
 if new.value ~= nil then
     redis.call("HSET", head_key, "value", new.value)
     redis.call("ZADD", index_key, 0, key)

@@ -15,12 +15,14 @@ from typing import Any, Protocol
 import numpy as np
 import openai
 
+from vectorstore.chunks import Chunker, openai_tokens
 from vectorstore.errors import EmbeddingRejected, EmbeddingUnavailable, VectorStoreError
 from vectorstore.index import Vectors
 from vectorstore.observer import NO_OBSERVER, Observer
 
 __all__ = [
     "MAX_INPUTS_PER_REQUEST",
+    "MAX_INPUT_TOKENS",
     "MAX_TOKENS_PER_REQUEST",
     "Embedder",
     "OpenAIEmbedder",
@@ -34,6 +36,8 @@ MAX_INPUTS_PER_REQUEST = 2048
 #: The most tokens a request may carry. A token is at least one byte of UTF-8, so bounding a
 #: request's bytes by this bounds its tokens, with no tokenizer to download.
 MAX_TOKENS_PER_REQUEST = 300_000
+#: The most tokens one input may have (OpenAI's embedding models take 8,192; one is kept spare).
+MAX_INPUT_TOKENS = 8191
 
 
 class Embedder(Protocol):
@@ -45,6 +49,11 @@ class Embedder(Protocol):
     @property
     def dimensions(self) -> int | None:
         """The vector length when known before the first call."""
+        ...
+
+    @property
+    def chunker(self) -> Chunker:
+        """Splits a text into chunks the model takes whole."""
         ...
 
     def embed(self, texts: Sequence[str]) -> Vectors:
@@ -69,9 +78,11 @@ class OpenAIEmbedder:
         dimensions: int | None = None,
         base_url: str | None = None,
         timeout_ms: int = 30_000,
+        max_input_tokens: int = MAX_INPUT_TOKENS,
         observer: Observer = NO_OBSERVER,
     ) -> None:
         self._model = model
+        self._chunker = Chunker(openai_tokens(), max_tokens=max_input_tokens)
         self._observer = observer
         self._dimensions = dimensions
         self._secret = api_key
@@ -86,6 +97,11 @@ class OpenAIEmbedder:
     @property
     def dimensions(self) -> int | None:
         return self._dimensions
+
+    @property
+    def chunker(self) -> Chunker:
+        """Chunks of at most `max_input_tokens` tokens of cl100k_base, OpenAI's embedding models' encoding."""
+        return self._chunker
 
     def close(self) -> None:
         """Close the SDK's HTTP connections."""

@@ -4,7 +4,9 @@ A namespace is hashed to one of `shards` collections and stored as a metadata fi
 scoped query filters on. A collection per namespace cost about 2.6 MB of Chroma's memory per
 namespace (1,000 namespaces of 10 memories: 2.7 GB), and one shared collection makes a filtered
 query pay for every vector in it; shards bound both (see BENCHMARKS.md for the measurements).
-The vectors of a key are a notion of their own (`vector_ids`): today one vector, chunk 0.
+The vectors of a key are a notion of their own (`vector_ids`): one per chunk of its text, chunk 0
+first, each labelled with the key's version, content hash, chunk number and count, the chunk's
+offsets in the text when there are several, and the version's metadata (`m.<name>`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import re
 import threading
 import urllib.request
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -31,11 +33,13 @@ from chromadb.api import ClientAPI
 from chromadb.api.models.Collection import Collection
 from chromadb.errors import ChromaError, NotFoundError
 
-from kvstore import KeyRef
+from kvstore import KeyRef, Scalar
+from kvstore.filters import renamed
 from vectorstore.errors import IndexUnavailable
 
 __all__ = [
     "DEFAULT_SHARDS",
+    "USER_FIELD_PREFIX",
     "IndexEntry",
     "VectorIndex",
     "Vectors",
@@ -45,6 +49,8 @@ __all__ = [
     "shard_for",
     "shard_name",
     "translated",
+    "user_field",
+    "vector_id",
     "vector_ids",
 ]
 
@@ -55,26 +61,52 @@ Vectors = npt.NDArray[np.float32]
 DEFAULT_SHARDS = 16
 _SAFE_NAMESPACE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PAGE = 1000
+#: What a user's metadata field is called in Chroma: beside memsync's own fields, never among them.
+USER_FIELD_PREFIX = "m."
+_OWN_FIELDS = ("key", "namespace", "version", "hash", "chunk", "chunks", "start", "end")
 
 
 @dataclass(frozen=True)
 class IndexEntry:
-    """What the index holds for one key: the version and content hash its vector was made from."""
+    """One vector of a key: the version and content hash it was made from, and which chunk it is.
+
+    `span`: the chunk's character offsets in the text when the text has several chunks, else None.
+    `cleared`: user fields the vector had and must lose (Chroma merges metadata on update); only written.
+    """
 
     namespace: str
     key: str
     version: int
     content_hash: str
     distance: float = 0.0
+    chunk: int = 0
+    chunks: int = 1
+    span: tuple[int, int] | None = None
+    metadata: Mapping[str, Scalar] = field(default_factory=dict, hash=False)
+    cleared: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def ref(self) -> KeyRef:
         return KeyRef(self.namespace, self.key)
 
+    @property
+    def id(self) -> str:
+        return vector_id(self.ref, self.chunk)
 
-def vector_ids(ref: KeyRef, chunks: int = 1) -> list[str]:
-    """The ids of a key's vectors; namespaces hold no ':', so an id names one key only."""
-    return [f"{ref.namespace}:{ref.key}#{chunk}" for chunk in range(chunks)]
+
+def vector_id(ref: KeyRef, chunk: int = 0) -> str:
+    """The id of one vector of a key; namespaces hold no ':', so an id names one key only."""
+    return f"{ref.namespace}:{ref.key}#{chunk}"
+
+
+def vector_ids(ref: KeyRef, chunks: int = 1, first: int = 0) -> list[str]:
+    """The ids of chunks `first` to `chunks - 1` of a key."""
+    return [vector_id(ref, chunk) for chunk in range(first, chunks)]
+
+
+def user_field(name: str) -> str:
+    """The name a user's metadata field has in Chroma."""
+    return USER_FIELD_PREFIX + name
 
 
 def collection_name(prefix: str, model: str, dimensions: int | None, namespace: str) -> str:
@@ -164,15 +196,16 @@ class VectorIndex:
         self._writing = threading.Lock()
         self._queue_lock = threading.Lock()
         self._queue: list[_Upsert] = []
+        self._batch_limit: int | None = None
 
     def shard_of(self, namespace: str) -> int:
         return shard_for(namespace, self.shards)
 
     def stored(self, refs: Sequence[KeyRef]) -> dict[KeyRef, IndexEntry]:
-        """The index entries of the keys that have a vector."""
+        """The first vector's entry of each key that has one (its `chunks` tells how many it has)."""
         found: dict[KeyRef, IndexEntry] = {}
         for shard, group in self._by_shard(refs).items():
-            ids = [vector_ids(ref)[0] for ref in group]
+            ids = [vector_id(ref) for ref in group]
             answer = self._call(shard, functools.partial(_get, ids=ids))
             found.update((e.ref, e) for e in map(_entry, answer["metadatas"] or []))
         return found
@@ -180,7 +213,10 @@ class VectorIndex:
     def upsert(
         self, entries: Sequence[IndexEntry], vectors: Vectors | Sequence[Vectors] | Sequence[Sequence[float]]
     ) -> None:
-        """Store one vector per entry (row `i` of `vectors` for entry `i`), replacing what the keys had."""
+        """Store one vector per entry (row `i` of `vectors` for entry `i`), replacing what those ids had.
+
+        A key's chunks past the new ones are not touched: `delete_chunks` removes them.
+        """
         if not entries:
             return
         mine = _Upsert(list(entries), np.asarray(vectors, dtype=np.float32))
@@ -211,13 +247,25 @@ class VectorIndex:
             upsert.done.set()
 
     def _upsert_rows(self, entries: Sequence[IndexEntry], rows: Vectors) -> None:
-        last = {vector_ids(entry.ref)[0]: i for i, entry in enumerate(entries)}  # one id once: the last wins
+        last = {entry.id: i for i, entry in enumerate(entries)}  # one id once: the last wins
         for shard, positions in self._positions_by_shard([e.ref for e in entries]).items():
-            kept = [i for i in positions if last[vector_ids(entries[i].ref)[0]] == i]
-            ids = [vector_ids(entries[i].ref)[0] for i in kept]
-            metadatas: list[Any] = [_metadata(entries[i]) for i in kept]
-            batch: Any = rows[kept]
-            self._call(shard, functools.partial(_upsert, ids=ids, embeddings=batch, metadatas=metadatas))
+            kept = [i for i in positions if last[entries[i].id] == i]
+            for part in self._requests(kept):
+                ids = [entries[i].id for i in part]
+                metadatas: list[Any] = [_metadata(entries[i]) for i in part]
+                batch: Any = rows[part]
+                self._call(shard, functools.partial(_upsert, ids=ids, embeddings=batch, metadatas=metadatas))
+
+    def _requests(self, positions: list[int]) -> list[list[int]]:
+        """Positions in groups that one Chroma request takes (its `max_batch_size`)."""
+        size = self._max_batch()
+        return [positions[start : start + size] for start in range(0, len(positions), size)]
+
+    def _max_batch(self) -> int:
+        if self._batch_limit is None:
+            with translated():
+                self._batch_limit = max(1, int(self.client.get_max_batch_size()))
+        return self._batch_limit
 
     def relabel(self, entries: Sequence[IndexEntry]) -> None:
         """Update the version of vectors whose text did not change, without embedding again."""
@@ -226,23 +274,42 @@ class VectorIndex:
 
     def _relabel(self, entries: Sequence[IndexEntry]) -> None:
         for shard, positions in self._positions_by_shard([e.ref for e in entries]).items():
-            ids = [vector_ids(entries[i].ref)[0] for i in positions]
-            metadatas: list[Any] = [_metadata(entries[i]) for i in positions]
-            self._call(shard, functools.partial(_update, ids=ids, metadatas=metadatas))
+            for part in self._requests(positions):
+                ids = [entries[i].id for i in part]
+                metadatas: list[Any] = [_metadata(entries[i]) for i in part]
+                self._call(shard, functools.partial(_update, ids=ids, metadatas=metadatas))
 
     def delete(self, refs: Sequence[KeyRef]) -> None:
-        """Remove every vector of the keys; keys with none are ignored."""
+        """Remove every vector of the keys (every chunk); keys with none are ignored."""
         with self._writing:
             for shard, group in self._by_shard(refs).items():
-                ids = [vid for ref in group for vid in vector_ids(ref)]
-                self._call(shard, functools.partial(_delete, ids=ids))
+                for part in self._requests(list(range(len(group)))):
+                    scope = _keys_scope([group[i] for i in part])
+                    self._call(shard, functools.partial(_delete_where, where=scope))
+
+    def delete_ids(self, ids: Mapping[KeyRef, Sequence[str]]) -> None:
+        """Remove the given vectors (by id) of each key: chunks a shorter text no longer has, say."""
+        with self._writing:
+            for shard, group in self._by_shard(list(ids)).items():
+                wanted = [vid for ref in group for vid in ids[ref]]
+                for part in self._requests(list(range(len(wanted)))):
+                    self._call(shard, functools.partial(_delete, ids=[wanted[i] for i in part]))
 
     def query(
-        self, namespace: str, vector: Sequence[float] | Vectors, n: int, where: dict[str, Any] | None = None
+        self,
+        namespace: str,
+        vector: Sequence[float] | Vectors,
+        n: int,
+        where: Mapping[str, Any] | None = None,
     ) -> list[IndexEntry]:
-        """The `n` entries of a namespace nearest to `vector`, nearest first; distance is cosine distance."""
+        """The `n` vectors of a namespace nearest to `vector`, nearest first; distance is cosine distance.
+
+        `where` is a checked filter on the user's metadata (`kvstore.filters.check_where`), by its names.
+        """
         embedding: Any = np.asarray([vector], dtype=np.float32)
-        scoped: Any = {"namespace": namespace} if not where else {"$and": [{"namespace": namespace}, where]}
+        scoped: Any = {"namespace": namespace}
+        if where:
+            scoped = {"$and": [scoped, renamed(where, user_field)]}
 
         def run(c: Collection) -> Any:
             return c.query(
@@ -361,27 +428,60 @@ def _delete(collection: Collection, *, ids: list[str]) -> None:
     collection.delete(ids=ids)
 
 
+def _delete_where(collection: Collection, *, where: Any) -> None:
+    collection.delete(where=where)
+
+
+def _keys_scope(refs: Sequence[KeyRef]) -> dict[str, Any]:
+    """A filter on every vector of these keys (of one shard), whatever their chunk count."""
+    by_namespace: dict[str, list[str]] = defaultdict(list)
+    for ref in refs:
+        by_namespace[ref.namespace].append(ref.key)
+    terms = [{"$and": [{"namespace": ns}, {"key": {"$in": keys}}]} for ns, keys in by_namespace.items()]
+    return terms[0] if len(terms) == 1 else {"$or": terms}
+
+
 def _page(collection: Collection, *, offset: int, where: dict[str, Any] | None) -> Any:
     scope: Any = where
     return collection.get(include=["metadatas"], where=scope, limit=_PAGE, offset=offset)
 
 
-def _metadata(entry: IndexEntry) -> dict[str, str | int]:
-    return {
+def _metadata(entry: IndexEntry) -> dict[str, Scalar | None]:
+    own: dict[str, Scalar | None] = {
         "key": entry.key,
         "namespace": entry.namespace,
         "version": entry.version,
         "hash": entry.content_hash,
+        "chunk": entry.chunk,
+        "chunks": entry.chunks,
     }
+    if entry.span is not None:
+        own["start"], own["end"] = entry.span
+    elif entry.chunks == 1:  # Chroma merges metadata: a text that was several chunks loses its offsets
+        own["start"] = own["end"] = None
+    own.update((user_field(name), None) for name in entry.cleared)
+    own.update((user_field(name), value) for name, value in entry.metadata.items())
+    return own
 
 
 def _entry(metadata: Any, distance: float = 0.0) -> IndexEntry:
+    chunks = int(metadata.get("chunks", 1))
+    span = (int(metadata["start"]), int(metadata["end"])) if "start" in metadata else None
+    mine = {
+        name[len(USER_FIELD_PREFIX) :]: value
+        for name, value in metadata.items()
+        if name.startswith(USER_FIELD_PREFIX)
+    }
     return IndexEntry(
         str(metadata["namespace"]),
         str(metadata["key"]),
         int(metadata["version"]),
         str(metadata["hash"]),
         float(distance),
+        int(metadata.get("chunk", 0)),
+        chunks,
+        span,
+        mine,
     )
 
 

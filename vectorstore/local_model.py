@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from vectorstore.chunks import Chunker, local_tokens
 from vectorstore.errors import LocalModelMissing
 from vectorstore.observer import NO_OBSERVER, Observer
 
@@ -53,6 +54,7 @@ class LocalMiniLM:
         self._threads = threads
         self._loaded: tuple[Tokenizer, Any] | None = None
         self._lock = threading.Lock()
+        self._chunker = Chunker(local_tokens(), max_tokens=MAX_TOKENS - 2)
 
     @property
     def model(self) -> str:
@@ -62,8 +64,13 @@ class LocalMiniLM:
     def dimensions(self) -> int:
         return DIMENSIONS
 
+    @property
+    def chunker(self) -> Chunker:
+        """Splits texts into chunks of at most 254 word pieces (256 with the two special tokens)."""
+        return self._chunker
+
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        """One unit vector per text, in order; texts past 256 tokens are truncated."""
+        """One unit vector per text, in order; past 256 tokens a text is cut (`chunker` splits it first)."""
         by_length = sorted(range(len(texts)), key=lambda index: len(texts[index]))
         vectors = np.zeros((len(texts), DIMENSIONS), dtype=np.float32)
         for start in range(0, len(by_length), self._batch_size):

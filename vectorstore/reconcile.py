@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 from kvstore import KeyRef, MemoryStore, Record
@@ -16,12 +17,17 @@ REPAIR_BATCH = 500
 
 @dataclass
 class Drift:
-    """What differs in one namespace: keys with no vector, an out-of-date one, or a vector with no key."""
+    """What differs in one namespace: keys with no vectors, out-of-date ones, or vectors with no key.
+
+    A key is stale when any of its vectors has another version or hash than its record, or when
+    its chunks are not exactly 0 to n-1 of the count the first one gives (`broken`, a subset).
+    """
 
     namespace: str
     missing: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
     orphan: list[str] = field(default_factory=list)
+    broken: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         return {"missing": len(self.missing), "stale": len(self.stale), "orphan": len(self.orphan)}
@@ -42,10 +48,14 @@ def index_drift(store: MemoryStore, index: VectorIndex, namespace: str) -> Drift
     """Compare every embedded current value of a namespace with the index's entries."""
     records = store.records(store.keys(namespace=namespace), namespace=namespace)
     wanted = {key: record for key, record in records.items() if record.embed and not record.deleted}
-    indexed = {entry.key: entry for entry in index.entries(namespace)}
+    indexed: dict[str, list[IndexEntry]] = defaultdict(list)
+    for entry in index.entries(namespace):
+        indexed[entry.key].append(entry)
     drift = Drift(namespace)
+    both = set(wanted) & set(indexed)
     drift.missing = sorted(set(wanted) - set(indexed))
-    drift.stale = sorted(key for key in set(wanted) & set(indexed) if _differs(wanted[key], indexed[key]))
+    drift.broken = sorted(key for key in both if not _whole(indexed[key]))
+    drift.stale = sorted(key for key in both if key in drift.broken or _differs(wanted[key], indexed[key]))
     drift.orphan = sorted(set(indexed) - set(wanted))
     return drift
 
@@ -64,14 +74,24 @@ def reconcile(memories: Memories, namespaces: list[str] | None = None, *, repair
 
 
 def _repair(memories: Memories, drift: Drift) -> None:
-    """Re-index missing and stale keys and drop orphans, in batches of `REPAIR_BATCH` keys."""
+    """Re-index missing and stale keys and drop orphans, in batches of `REPAIR_BATCH` keys.
+
+    A broken key's vectors are all dropped first, so that it is embedded whole again.
+    """
+    memories.index.delete([KeyRef(drift.namespace, key) for key in drift.broken])
     refs = [KeyRef(drift.namespace, key) for key in [*drift.missing, *drift.stale, *drift.orphan]]
     for start in range(0, len(refs), REPAIR_BATCH):
         memories.refresh(refs[start : start + REPAIR_BATCH])
 
 
-def _differs(record: Record, entry: IndexEntry) -> bool:
-    return record.version != entry.version or record.content_hash != entry.content_hash
+def _differs(record: Record, entries: list[IndexEntry]) -> bool:
+    return any(e.version != record.version or e.content_hash != record.content_hash for e in entries)
+
+
+def _whole(entries: list[IndexEntry]) -> bool:
+    """Whether a key's vectors are chunks 0 to n-1, all of one count n."""
+    counts = {entry.chunks for entry in entries}
+    return len(counts) == 1 and sorted(e.chunk for e in entries) == list(range(counts.pop()))
 
 
 def _all_namespaces(store: MemoryStore, index: VectorIndex) -> list[str]:

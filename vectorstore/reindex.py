@@ -31,8 +31,9 @@ from dataclasses import dataclass, field, replace
 from kvstore import KeyRef, MemoryStore, Record
 from kvstore.validate import embedding_text
 from vectorstore.active import ActiveIndexes, IndexSpec, Migration, ReindexError, specs_in_chroma
-from vectorstore.index import IndexEntry, translated
+from vectorstore.index import translated
 from vectorstore.sync import LOCK_TIMEOUT_MS, LOCK_WAIT_MS, Memories
+from vectorstore.vectors import KeyVectors, embed_texts
 
 __all__ = ["DEFAULT_BATCH", "ReindexSummary", "abort", "drop_old", "reindex", "settle_s"]
 
@@ -208,8 +209,11 @@ def _copy(target: Memories, refs: list[KeyRef]) -> int:
     stored = target.index.stored([record.ref for record in live])
     wanted = [r for r in live if (e := stored.get(r.ref)) is None or e.content_hash != r.content_hash]
     if wanted:
-        vectors = target.embedder.embed([_text(record) for record in wanted])
-        target.index.upsert([_entry(record) for record in wanted], vectors)
+        made = embed_texts(target.embedder, [_text(record) for record in wanted])
+        vectors = {r.ref: v for r, v in zip(wanted, made, strict=True) if isinstance(v, KeyVectors)}
+        target.put_vectors({r.ref: r for r in wanted}, vectors, stored)
+        if failed := [v for v in made if not isinstance(v, KeyVectors)]:
+            raise failed[0]
     _under_locks(target.store, refs, target.refresh)
     return len(wanted)
 
@@ -243,7 +247,3 @@ def _under_locks(store: MemoryStore, refs: Sequence[KeyRef], action: Callable[[l
 
 def _text(record: Record) -> str:
     return embedding_text(record.value, record.value_json or "")
-
-
-def _entry(record: Record) -> IndexEntry:
-    return IndexEntry(record.namespace, record.key, record.version, record.content_hash)

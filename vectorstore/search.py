@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from kvstore import MemoryStore, Record, check_namespace
+from kvstore import MemoryStore, Record, Scalar, check_namespace
+from kvstore.filters import check_where
 from vectorstore.embedder import Embedder
 from vectorstore.errors import EmbeddingUnavailable, IndexUnavailable, InvalidQuery
 from vectorstore.index import IndexEntry, VectorIndex
@@ -24,7 +26,11 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Hit:
-    """A current memory close in meaning to the query; `score` is cosine similarity, higher is closer."""
+    """A current memory close in meaning to the query; `score` is cosine similarity, higher is closer.
+
+    A key whose text was embedded as several chunks is scored by its closest chunk: `chunk` is its
+    number and `span` its character offsets in the text (`text[start:end]`); both None for one chunk.
+    """
 
     key: str
     value: Any
@@ -32,14 +38,18 @@ class Hit:
     version: int
     namespace: str
     updated_at_ms: int  # when this version was written, ms since the epoch
+    metadata: Mapping[str, Scalar] = field(default_factory=dict, hash=False)
+    chunk: int | None = None
+    span: tuple[int, int] | None = None
 
 
 def search(
     query: str,
     k: int = 5,
     namespace: str | None = None,
-    where: dict[str, Any] | None = None,
+    where: Mapping[str, Any] | None = None,
     *,
+    min_score: float | None = None,
     store: MemoryStore,
     index: VectorIndex,
     embedder: Embedder,
@@ -49,23 +59,27 @@ def search(
     """The `k` current memories of a namespace closest in meaning to `query`, closest first.
 
     One query embedding, one Chroma query and one Redis read in the common case. Index entries
-    whose version is not the key's current one, or whose key is gone, are dropped, and the index
-    is asked for more until `k` current hits are found or it has no more. An embedding or Chroma
-    failure worth retrying is tried again, with doubling pauses (or the server's Retry-After),
-    until `retry_budget_ms` has passed; then it is raised.
+    whose version is not the key's current one, or whose key is gone, are dropped, a key's other
+    chunks after its closest one too, and the index is asked for more until `k` current hits are
+    found or it has no more. `where` filters on the memories' metadata (`kvstore.filters`);
+    `min_score` drops hits less similar than it. An embedding or Chroma failure worth retrying is
+    tried again, with doubling pauses (or the server's Retry-After), until `retry_budget_ms` has
+    passed; then it is raised.
     """
     ns = check_namespace(namespace)
-    _check_query(query, k)
+    _check_query(query, k, min_score)
+    checked = check_where(where)
     retry = _Retrying(retry_budget_ms)
     vector = retry(lambda: embedder.embed([query])[0])
     wanted = k + 10
     while True:
-        entries = retry(functools.partial(index.query, ns, vector, wanted, where))
-        hits = _current(entries, store.records([e.key for e in entries], namespace=ns), ns)
-        if len(hits) >= k or len(entries) < wanted:
-            if len(entries) > len(hits):  # the last round read every entry the earlier ones did
-                observer.stale_hits_dropped(len(entries) - len(hits))
-            return hits[:k]
+        entries = retry(functools.partial(index.query, ns, vector, wanted, checked))
+        hits, stale = _current(entries, store.records(_keys(entries), namespace=ns), ns)
+        weak = min_score is not None and bool(entries) and 1.0 - entries[-1].distance < min_score
+        if len(hits) >= k or len(entries) < wanted or weak:
+            if stale:  # the last round read every entry the earlier ones did
+                observer.stale_hits_dropped(stale)
+            return [hit for hit in hits if min_score is None or hit.score >= min_score][:k]
         wanted *= 2
 
 
@@ -92,21 +106,42 @@ class _Retrying:
         return max(self.pause_ms, asked or 0)
 
 
-def _check_query(query: object, k: object) -> None:
+def _check_query(query: object, k: object, min_score: object) -> None:
     if not isinstance(query, str) or not query.strip():
         raise InvalidQuery("query must be a non-empty string")
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
         raise InvalidQuery(f"k must be an integer from 1 to {MAX_K}")
+    if min_score is None:
+        return
+    if not isinstance(min_score, int | float) or isinstance(min_score, bool) or not math.isfinite(min_score):
+        raise InvalidQuery("min_score must be a number from -1 to 1")
+    if not -1.0 <= min_score <= 1.0:
+        raise InvalidQuery(f"min_score must be a number from -1 to 1, not {min_score}")
 
 
-def _current(entries: list[IndexEntry], records: dict[str, Record], namespace: str) -> list[Hit]:
-    hits = []
+def _keys(entries: list[IndexEntry]) -> list[str]:
+    return list(dict.fromkeys(entry.key for entry in entries))
+
+
+def _current(entries: list[IndexEntry], records: dict[str, Record], namespace: str) -> tuple[list[Hit], int]:
+    """The hits of current entries, each key once (by its closest chunk); and how many entries were stale."""
+    hits: dict[str, Hit] = {}
+    stale = 0
     for entry in entries:
         record = records.get(entry.key)
-        if record is not None and _is_current(entry, record):
-            score = 1.0 - entry.distance
-            hits.append(Hit(entry.key, record.value, score, record.version, namespace, record.at_ms))
-    return hits
+        if record is None or not _is_current(entry, record):
+            stale += 1
+        elif entry.key not in hits:
+            hits[entry.key] = _hit(entry, record, namespace)
+    return list(hits.values()), stale
+
+
+def _hit(entry: IndexEntry, record: Record, namespace: str) -> Hit:
+    chunk = entry.chunk if entry.chunks > 1 else None
+    return Hit(
+        entry.key, record.value, 1.0 - entry.distance, record.version, namespace, record.at_ms,
+        record.metadata, chunk, entry.span if chunk is not None else None,
+    )  # fmt: skip
 
 
 def _is_current(entry: IndexEntry, record: Record) -> bool:

@@ -7,13 +7,16 @@ one request per shard, or per embedding request) for the whole batch:
 2. look    read the current records of the embedded items (Redis); an item a newer message has
            overtaken is answered `stale` at once; for items whose text may be unchanged, read the
            hashes the index holds (Chroma `get`).
-3. embed   one request for every text whose vector the index lacks (split at the request limits);
+3. embed   one request for every text whose vectors the index lacks (split at the request limits);
+           a text longer than the model's input limit is embedded as several chunks (`chunks.py`);
            a refusal about the input is narrowed down to the items that caused it.
 4. write   one script call per item in one pipeline: versions, last-writer-wins and duplicates are
            decided there, item by item, and a write whose key's vector must change takes the key's
            index lock in the same call.
-5. index   for every locked key, bring the index to the key's current record: one upsert, one
-           relabel and one delete per shard; then release the locks. Keys whose lock another
+5. index   for every locked key, bring the index to the key's current record: one get (of the
+           keys written before, for their chunk count and metadata names), one delete of chunks a
+           shorter text no longer has, one upsert, one relabel and one delete per shard; then
+           release the locks. Keys whose lock another
            writer held are waited for, read again and go through this step once they are ours.
 
 Every step is idempotent, so a batch delivered again converges on the same state. Embedding
@@ -25,9 +28,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from kvstore import (
     InvalidValue,
@@ -37,21 +42,25 @@ from kvstore import (
     MemoryStore,
     Outcome,
     Record,
+    Scalar,
     StoreUnavailable,
     Write,
     WriteMeta,
     WriteResult,
     canonical_json,
     check_key,
+    check_metadata,
     check_namespace,
     content_hash,
+    metadata_json,
 )
 from kvstore.validate import embedding_text
 from vectorstore.embedder import Embedder
-from vectorstore.errors import EmbeddingRejected, VectorStoreError
-from vectorstore.index import IndexEntry, VectorIndex, Vectors
+from vectorstore.errors import VectorStoreError
+from vectorstore.index import IndexEntry, VectorIndex, vector_ids
 from vectorstore.observer import NO_OBSERVER, Observer
 from vectorstore.search import Hit, search
+from vectorstore.vectors import KeyVectors, embed_texts, entries_for
 
 __all__ = ["LOCK_TIMEOUT_MS", "LOCK_WAIT_MS", "ItemResult", "Memories", "SyncItem"]
 
@@ -77,6 +86,7 @@ class SyncItem:
     embed: bool = False
     ttl_ms: int | None = None
     meta: WriteMeta | None = None
+    metadata: Mapping[str, Scalar] | None = None
 
 
 @dataclass
@@ -86,7 +96,7 @@ class _Pending:
     position: int
     write: Write
     text: str = ""  # the text still to embed; "" when nothing is (not embedded, or the index has it)
-    vector: Vectors | None = None  # the embedding of the item's text, once made
+    vectors: KeyVectors | None = None  # the embedding of the item's text (a row per chunk), once made
     result: WriteResult | None = None
 
     @property
@@ -140,9 +150,10 @@ class Memories:
         embed: bool = False,
         ttl_ms: int | None = None,
         meta: WriteMeta | None = None,
+        metadata: Mapping[str, Scalar] | None = None,
     ) -> WriteResult:
-        """Write `value` as the key's new version and bring its vector in step (a batch of one)."""
-        [result] = self.sync_many([SyncItem(key, value, namespace, embed, ttl_ms, meta)])
+        """Write `value` and `metadata` as the key's new version and bring its vectors in step."""
+        [result] = self.sync_many([SyncItem(key, value, namespace, embed, ttl_ms, meta, metadata)])
         return _raised(result)
 
     def sync_many(self, items: Sequence[SyncItem], *, skip_unchanged: bool = False) -> list[ItemResult]:
@@ -196,7 +207,13 @@ class Memories:
         self._apply(heads, {})
 
     def search(
-        self, query: str, k: int = 5, namespace: str | None = None, where: dict[str, Any] | None = None
+        self,
+        query: str,
+        k: int = 5,
+        namespace: str | None = None,
+        where: Mapping[str, Any] | None = None,
+        *,
+        min_score: float | None = None,
     ) -> list[Hit]:
         """The `k` current memories closest in meaning to `query`; see `vectorstore.search.search`."""
         budget = self.search_retry_budget_ms
@@ -205,6 +222,7 @@ class Memories:
             k,
             namespace,
             where,
+            min_score=min_score,
             store=self.store,
             index=self.index,
             embedder=self.embedder,
@@ -221,13 +239,14 @@ class Memories:
             text = embedding_text(item.value, value_json)
             if item.embed and not text.strip():
                 raise InvalidValue("value is an empty string; there is nothing to embed")
+            labels = metadata_json(check_metadata(item.metadata))
         except KVStoreError as error:
             batch.results[position] = error
             return None
         digest = content_hash(text) if item.embed else ""
         write = Write(
             ref, "set", item.meta or WriteMeta(), value_json, item.embed, digest, item.ttl_ms,
-            lock_token=batch.token, skip_unchanged=skip_unchanged,
+            lock_token=batch.token, skip_unchanged=skip_unchanged, metadata_json=labels,
         )  # fmt: skip
         return _Pending(position, write, text if item.embed else "")
 
@@ -271,25 +290,11 @@ class Memories:
 
     def _embed(self, batch: _Batch, pending: list[_Pending]) -> None:
         wanted = [item for item in pending if item.text]
-        for item, vector in zip(wanted, self._vectors([item.text for item in wanted]), strict=True):
-            if isinstance(vector, Exception):
-                batch.results[item.position] = vector
+        for item, vectors in zip(wanted, embed_texts(self.embedder, [i.text for i in wanted]), strict=True):
+            if isinstance(vectors, Exception):
+                batch.results[item.position] = vectors
             else:
-                item.vector = vector
-
-    def _vectors(self, texts: list[str]) -> list[Vectors | Exception]:
-        """One vector per text, or the error that stands for it: a refusal is narrowed down by halves."""
-        if not texts:
-            return []
-        try:
-            return list(self.embedder.embed(texts))
-        except EmbeddingRejected as error:
-            if len(texts) == 1 or not error.about_the_input:
-                return [error] * len(texts)
-            half = len(texts) // 2
-            return self._vectors(texts[:half]) + self._vectors(texts[half:])
-        except VectorStoreError as error:
-            return [error] * len(texts)
+                item.vectors = vectors
 
     # Step 4: write; step 5: index.
 
@@ -334,16 +339,16 @@ class Memories:
             return
         records = heads if heads is not None else [_current(item) for item in items]
         jobs: dict[KeyRef, Record | None] = {}
-        vectors: dict[KeyRef, Vectors] = {}
+        vectors: dict[KeyRef, KeyVectors] = {}
         for item, head in zip(items, records, strict=True):
             if _owns(item, head):
                 jobs[item.ref] = head
                 if (
-                    item.vector is not None
+                    item.vectors is not None
                     and head is not None
                     and head.content_hash == item.write.content_hash
                 ):
-                    vectors[item.ref] = item.vector
+                    vectors[item.ref] = item.vectors
         try:
             self._apply(jobs, vectors)
         except (VectorStoreError, StoreUnavailable) as error:
@@ -359,22 +364,44 @@ class Memories:
         lost = [item for item, ok in zip(items, released, strict=True) if not ok]
         batch.fail(batch.going(lost), LockLost("a key's index lock expired during its index step"))
 
-    def _apply(self, heads: dict[KeyRef, Record | None], vectors: dict[KeyRef, Vectors]) -> None:
-        """Bring each key's vectors to its record: delete, relabel, or embed (unless given) and upsert."""
+    def _apply(self, heads: dict[KeyRef, Record | None], vectors: Mapping[KeyRef, KeyVectors]) -> None:
+        """Bring each key's vectors to its record: delete, relabel, or embed (unless given) and upsert.
+
+        Chunks a shorter text no longer has go first, so that a step cut short leaves no vector the
+        first chunk's count does not account for.
+        """
         gone = [ref for ref, head in heads.items() if head is None or head.deleted or not head.embed]
         live = {ref: head for ref, head in heads.items() if head is not None and ref not in gone}
         unknown = [ref for ref in live if ref not in vectors]
-        stored = self.index.stored(unknown) if unknown else {}
+        looked = [ref for ref in live if ref in unknown or live[ref].version > 1]
+        stored = self.index.stored(looked) if looked else {}
         relabel, missing = _sorted_by_index(live, unknown, stored)
-        if missing:
-            made = self.embedder.embed([_text_of(live[ref]) for ref in missing])
-            vectors = {**vectors, **dict(zip(missing, made, strict=True))}
-        upserts = [ref for ref in live if ref in vectors]
-        self.index.upsert([_entry(live[ref]) for ref in upserts], [vectors[ref] for ref in upserts])
-        self.index.relabel([_entry(live[ref]) for ref in relabel])
+        self.put_vectors(live, {**vectors, **self._made(live, missing)}, stored)
+        self.index.relabel([e for ref in relabel for e in _relabelled(live[ref], stored[ref])])
         self.index.delete(gone)
         if self.mirror is not None:  # still under the keys' locks, when the step holds them
             self.mirror(list(heads))
+
+    def put_vectors(
+        self,
+        records: Mapping[KeyRef, Record],
+        vectors: Mapping[KeyRef, KeyVectors],
+        stored: Mapping[KeyRef, IndexEntry],
+    ) -> None:
+        """Write the keys' vectors, given what the index held for them; chunks past the new count go first."""
+        self.index.delete_ids(_surplus(vectors, stored))
+        refs = [ref for ref in records if ref in vectors]
+        entries = [e for ref in refs for e in entries_for(records[ref], vectors[ref], stored.get(ref))]
+        rows = [vectors[ref].rows for ref in refs]
+        self.index.upsert(entries, np.concatenate(rows) if rows else np.zeros((0, 0), np.float32))
+
+    def _made(self, live: Mapping[KeyRef, Record], missing: list[KeyRef]) -> dict[KeyRef, KeyVectors]:
+        """The vectors of texts the index lacks; the first failure is raised (the step fails as a whole)."""
+        made = embed_texts(self.embedder, [_text_of(live[ref]) for ref in missing])
+        for vectors in made:
+            if isinstance(vectors, Exception):
+                raise vectors
+        return dict(zip(missing, made, strict=True))  # type: ignore[arg-type]
 
 
 def _sorted_by_index(
@@ -425,8 +452,34 @@ def _current(item: _Pending) -> Record | None:
     return item.result.current if item.result is not None else None
 
 
-def _entry(record: Record) -> IndexEntry:
-    return IndexEntry(record.namespace, record.key, record.version, record.content_hash)
+def _surplus(
+    vectors: Mapping[KeyRef, KeyVectors], stored: Mapping[KeyRef, IndexEntry]
+) -> dict[KeyRef, list[str]]:
+    """The ids of chunks the index holds past the new chunk count of each key."""
+    surplus: dict[KeyRef, list[str]] = {}
+    for ref, new in vectors.items():
+        old = stored.get(ref)
+        if old is not None and old.chunks > len(new.chunks):
+            surplus[ref] = vector_ids(ref, old.chunks, first=len(new.chunks))
+    return surplus
+
+
+def _relabelled(record: Record, stored: IndexEntry) -> list[IndexEntry]:
+    """New labels for every chunk of a key whose text is unchanged: its version and its metadata."""
+    cleared = tuple(sorted(set(stored.metadata) - set(record.metadata)))
+    return [
+        IndexEntry(
+            record.namespace,
+            record.key,
+            record.version,
+            record.content_hash,
+            chunk=chunk,
+            chunks=stored.chunks,
+            metadata=record.metadata,
+            cleared=cleared,
+        )
+        for chunk in range(stored.chunks)
+    ]
 
 
 def _text_of(record: Record) -> str:

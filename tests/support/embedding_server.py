@@ -31,6 +31,8 @@ from typing import Any, Final, Literal, Self
 
 import pytest
 
+from vectorstore.chunks import openai_tokens
+
 __all__ = [
     "DEFAULT_DIMENSIONS",
     "DISCONNECT",
@@ -74,6 +76,10 @@ _NO_KEY = (
 )
 _BAD_INPUT = (
     "'$.input' is invalid. Please check the API reference: https://platform.openai.com/docs/api-reference."
+)
+_TOO_LONG = (
+    "This model's maximum context length is {limit} tokens, however you requested {used} tokens "
+    "({used} in your prompt; 0 for the completion). Please reduce your prompt; or completion length."
 )
 _DEFAULT_MESSAGES: Final = {
     400: ("Bad request (injected).", "invalid_request_error", None),
@@ -271,6 +277,21 @@ def _option_problem(payload: _Payload) -> str | None:
     return None
 
 
+def _length_problem(payload: _Payload, limit: int | None) -> str | None:
+    """OpenAI's refusal of the first input past `limit` tokens of cl100k_base, if any."""
+    if limit is None:
+        return None
+    for text in payload.texts or []:
+        # A token is at least one byte: only a text of more bytes than the limit needs counting.
+        if len(text.encode(errors="surrogatepass")) > limit and (used := _token_count(text)) > limit:
+            return _TOO_LONG.format(limit=limit, used=used)
+    return None
+
+
+def _token_count(text: str) -> int:
+    return len(openai_tokens().offsets(text))
+
+
 def _payload_problem(payload: _Payload) -> str | None:
     if not payload.is_object:
         return "We could not parse the JSON body of your request."
@@ -340,8 +361,11 @@ class EmbeddingServer:
         dimensions: int = DEFAULT_DIMENSIONS,
         latency_ms: int = 0,
         hold_s: float = 30.0,
+        max_input_tokens: int | None = 8192,
     ) -> None:
         self.api_key = api_key
+        #: The most tokens (cl100k_base) one input may have, as OpenAI's embedding models; None: no limit.
+        self.max_input_tokens = max_input_tokens
         self.default_dimensions = dimensions
         #: The longest a TIMEOUT fault holds a connection that the client keeps open.
         self.hold_s = hold_s
@@ -515,7 +539,7 @@ class EmbeddingServer:
             return _error(404, f"Invalid URL ({request.method} {request.path})", "invalid_request_error")
         if (denied := self._auth_failure(request.authorization)) is not None:
             return denied
-        if (problem := _payload_problem(payload)) is not None:
+        if (problem := _payload_problem(payload) or _length_problem(payload, self.max_input_tokens)) is not None:
             return _invalid(problem)
         dims = payload.dimensions if isinstance(payload.dimensions, int) else self.default_dimensions
         return _embeddings(payload, dims, reverse=self.reverse_data, drop_last=truncate)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from vectorstore import Embedder
+from vectorstore.chunks import Chunker
 from vectorstore.index import Vectors
 
 __all__ = ["REFUSED", "RefusingEmbedder"]
@@ -30,6 +31,10 @@ class RefusingEmbedder:
     @property
     def dimensions(self) -> int | None:
         return self.inner.dimensions
+
+    @property
+    def chunker(self) -> Chunker:
+        return self.inner.chunker
 
     def embed(self, texts: Sequence[str]) -> Vectors:
         return self.inner.embed(["" if REFUSED in text else text for text in texts])

@@ -1,0 +1,135 @@
+"""Texts longer than the model's input limit: embedded as several chunks, written and removed together."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from kvstore import KeyRef, MemoryStore
+from tests.conftest import API_KEY
+from tests.support.embedding_server import EmbeddingServer
+from vectorstore import IndexEntry, Memories, OpenAIEmbedder, VectorIndex, chroma_client
+from vectorstore.chunks import openai_tokens
+from vectorstore.reconcile import find_drift, reconcile
+
+MODEL = "test-embedding"
+NS = "default"
+#: A few sentences over and over: every part of the filler holds the same words in the same proportions.
+FILLER = (
+    "The committee met again on a grey morning. Minutes were read and approved without comment. "
+    "Someone asked about the budget, and nobody answered. The coffee was cold, as usual. "
+)
+SECRET = "Finally, the secret ingredient of grandma's soup was smoked paprika."
+DECOY = "Finally, the old lighthouse keeper painted his boats every spring."
+QUERY = "secret ingredient grandma soup smoked paprika"
+
+
+@pytest.fixture
+def memories(
+    redis_client: redis.Redis, chroma_url: str, prefix: str, embedding_service: EmbeddingServer
+) -> Iterator[Memories]:
+    store = MemoryStore(redis_client, prefix=prefix, history_length=5)
+    index = VectorIndex(chroma_client(chroma_url), model=MODEL, dimensions=None, prefix=prefix)
+    embedder = OpenAIEmbedder(api_key=API_KEY, model=MODEL, base_url=embedding_service.base_url)
+    yield Memories(store, index, embedder)
+    index.drop_all()
+    embedder.close()
+
+
+def long_text(tokens: int, ending: str) -> str:
+    """About `tokens` tokens of filler, then `ending`."""
+    per_filler = len(openai_tokens().offsets(FILLER))
+    return FILLER * (tokens // per_filler) + ending
+
+
+def vectors_of(memories: Memories, key: str) -> list[IndexEntry]:
+    return sorted((e for e in memories.index.entries(NS) if e.key == key), key=lambda e: e.chunk)
+
+
+def test_a_30000_token_text_is_indexed_as_several_chunks_and_found_by_a_phrase_near_its_end(
+    memories: Memories, embedding_service: EmbeddingServer
+) -> None:
+    text = long_text(30_000, SECRET)
+    memories.sync("soup", text, embed=True)
+    memories.sync("lighthouse", long_text(30_000, DECOY), embed=True)
+
+    chunks = vectors_of(memories, "soup")
+    assert len(chunks) >= 4
+    assert [e.chunk for e in chunks] == list(range(len(chunks)))
+    assert {(e.version, e.chunks) for e in chunks} == {(1, len(chunks))}
+    assert all(r.status == 200 for r in embedding_service.embedding_requests)  # none over the input limit
+
+    hits = memories.search(QUERY, k=5)
+    assert [hit.key for hit in hits] == ["soup", "lighthouse"]  # each key once, whatever its chunk count
+    best = hits[0]
+    assert best.chunk == len(chunks) - 1 and best.span is not None
+    start, end = best.span
+    assert end == len(text) and SECRET in text[start:end]
+
+
+def test_the_chunks_of_a_long_text_cover_it_and_overlap_a_little(memories: Memories) -> None:
+    text = long_text(30_000, SECRET)
+    memories.sync("soup", text, embed=True)
+
+    spans = [e.span for e in vectors_of(memories, "soup")]
+    assert all(span is not None for span in spans)
+    starts = [span[0] for span in spans if span]
+    ends = [span[1] for span in spans if span]
+    assert starts[0] == 0 and ends[-1] == len(text)
+    assert all(start < end_before for start, end_before in zip(starts[1:], ends[:-1], strict=True))
+
+
+def test_an_update_to_a_shorter_text_replaces_every_chunk(memories: Memories) -> None:
+    memories.sync("soup", long_text(30_000, SECRET), embed=True)
+    memories.sync("soup", long_text(10_000, DECOY), embed=True)
+
+    chunks = vectors_of(memories, "soup")
+    assert len(chunks) == 2 and {e.version for e in chunks} == {2}
+    assert [e.chunk for e in chunks] == [0, 1]
+
+    memories.sync("soup", "a short soup", embed=True)
+    [only] = vectors_of(memories, "soup")
+    assert (only.version, only.chunks, only.span) == (3, 1, None)
+    assert find_drift(memories, NS).counts() == {"missing": 0, "stale": 0, "orphan": 0}
+
+
+def test_a_long_text_is_gone_on_delete_and_comes_back_whole_on_rollback(memories: Memories) -> None:
+    text = long_text(30_000, SECRET)
+    memories.sync("soup", text, embed=True)
+    count = len(vectors_of(memories, "soup"))
+
+    memories.sync("soup", {"plain": True}, embed=False)
+    assert vectors_of(memories, "soup") == []
+
+    memories.rollback("soup")
+    restored = vectors_of(memories, "soup")
+    assert len(restored) == count and {e.version for e in restored} == {3}
+    assert memories.search(QUERY, k=1)[0].key == "soup"
+
+    memories.rollback("soup", version=2)
+    assert vectors_of(memories, "soup") == []
+
+
+def test_the_rollback_of_a_long_texts_first_version_removes_every_chunk(memories: Memories) -> None:
+    memories.sync("soup", long_text(20_000, SECRET), embed=True)
+    assert len(vectors_of(memories, "soup")) >= 3
+
+    memories.rollback("soup")
+
+    assert vectors_of(memories, "soup") == []
+    assert memories.search(QUERY, k=3) == []
+
+
+def test_reconcile_rebuilds_a_long_text_with_a_chunk_missing_or_left_over(memories: Memories) -> None:
+    memories.sync("soup", long_text(30_000, SECRET), embed=True)
+    chunks = vectors_of(memories, "soup")
+    memories.index.delete_ids({KeyRef(NS, "soup"): [chunks[1].id]})
+
+    drift = find_drift(memories, NS)
+    assert drift.stale == ["soup"] and drift.broken == ["soup"]
+    reconcile(memories, [NS])
+
+    assert [e.chunk for e in vectors_of(memories, "soup")] == [e.chunk for e in chunks]
+    assert find_drift(memories, NS).counts() == {"missing": 0, "stale": 0, "orphan": 0}

@@ -1,0 +1,73 @@
+"""The vectors of a key's text: one per chunk, embedded together, labelled for the index."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvstore import Record
+from vectorstore.chunks import Chunk
+from vectorstore.embedder import Embedder
+from vectorstore.errors import EmbeddingRejected, VectorStoreError
+from vectorstore.index import IndexEntry, Vectors
+
+__all__ = ["KeyVectors", "embed_texts", "entries_for"]
+
+
+@dataclass(frozen=True)
+class KeyVectors:
+    """The vectors of one text: row `i` of `rows` is the embedding of `chunks[i]`."""
+
+    chunks: list[Chunk]
+    rows: Vectors
+
+
+def embed_texts(embedder: Embedder, texts: Sequence[str]) -> list[KeyVectors | VectorStoreError]:
+    """The vectors of each text, split into chunks the model takes, or the error that stands for it.
+
+    Every chunk of every text goes in one call (the embedder splits it at the request limits). A
+    refusal about the input is narrowed down by halves to the texts that caused it.
+    """
+    pieces = [embedder.chunker.split(text) for text in texts]
+    return _embedded(embedder, pieces)
+
+
+def _embedded(embedder: Embedder, pieces: list[list[Chunk]]) -> list[KeyVectors | VectorStoreError]:
+    if not pieces:
+        return []
+    try:
+        rows = embedder.embed([chunk.text for chunks in pieces for chunk in chunks])
+    except EmbeddingRejected as error:
+        if len(pieces) == 1 or not error.about_the_input:
+            return [error] * len(pieces)
+        half = len(pieces) // 2
+        return _embedded(embedder, pieces[:half]) + _embedded(embedder, pieces[half:])
+    except VectorStoreError as error:
+        return [error] * len(pieces)
+    ends = np.cumsum([len(chunks) for chunks in pieces])
+    return [
+        KeyVectors(chunks, rows[end - len(chunks) : end]) for chunks, end in zip(pieces, ends, strict=True)
+    ]
+
+
+def entries_for(record: Record, vectors: KeyVectors, stored: IndexEntry | None = None) -> list[IndexEntry]:
+    """The index entries of a record's vectors, one per chunk; `stored`: what the index held before."""
+    count = len(vectors.chunks)
+    metadata = record.metadata
+    cleared = tuple(sorted(set(stored.metadata) - set(metadata))) if stored is not None else ()
+    return [
+        IndexEntry(
+            record.namespace,
+            record.key,
+            record.version,
+            record.content_hash,
+            chunk=n,
+            chunks=count,
+            span=(chunk.start, chunk.end) if count > 1 else None,
+            metadata=metadata,
+            cleared=cleared,
+        )
+        for n, chunk in enumerate(vectors.chunks)
+    ]
