@@ -15,7 +15,7 @@ from dramatiq.errors import BrokerConnectionError
 
 from actors import state
 from actors.failures import explain
-from kvstore import MemsyncError, check_namespace
+from kvstore import InvalidFilter, MemsyncError, check_namespace
 from settings import SettingsError
 
 # Each command imports what it runs (chromadb, openai, the worker's modules) when it runs, so that
@@ -60,14 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("query")
     search.add_argument("-k", type=int, default=5)
     search.add_argument("--namespace")
-    search.add_argument(
-        "--where", type=_json_arg, help='a metadata filter as JSON, e.g. \'{"kind": "fact"}\''
-    )
+    search.add_argument("--where", help='a metadata filter as JSON, e.g. \'{"kind": "fact"}\'')
     search.add_argument("--min-score", type=float, help="leave out hits less similar than this (-1 to 1)")
     search.set_defaults(command=_search)
     listing = _with_json(sub.add_parser("list", help="the current memories of a namespace, in key order"))
     listing.add_argument("--namespace")
-    listing.add_argument("--where", type=_json_arg, help="a metadata filter as JSON")
+    listing.add_argument("--where", help="a metadata filter as JSON")
     listing.add_argument("--limit", type=int, default=100, help="memories per page (1 to 1000)")
     listing.add_argument("--cursor", help="where to go on from: the cursor the previous page printed")
     listing.set_defaults(command=_list)
@@ -166,7 +164,8 @@ def _search(args: argparse.Namespace) -> int:
     from actors.views import hit_view, score_text
 
     memories = state.runtime().memories
-    hits = memories.search(args.query, args.k, args.namespace, args.where, min_score=args.min_score)
+    where = _where(args.where)
+    hits = memories.search(args.query, args.k, args.namespace, where, min_score=args.min_score)
     rows = [hit_view(hit) for hit in hits]
     _emit(args, rows, lambda r: f"{score_text(r['score'])}  {r['key']} (v{r['version']}): {_value_text(r)}")
     if not rows:  # as grep: nothing found is exit status 1
@@ -179,7 +178,7 @@ def _list(args: argparse.Namespace) -> int:
     from kvstore.listing import list_memories
 
     store = state.runtime().store
-    page = list_memories(store, args.namespace, args.where, limit=args.limit, cursor=args.cursor)
+    page = list_memories(store, args.namespace, _where(args.where), limit=args.limit, cursor=args.cursor)
     rows = [memory_view(record) for record in page.memories]
     if args.json:
         print(json.dumps({"memories": rows, "cursor": page.cursor}, default=str))
@@ -191,11 +190,14 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _json_arg(text: str) -> Any:
+def _where(text: str | None) -> Any:
+    """The filter `--where` gives, read as JSON (checked where it is used)."""
+    if text is None:
+        return None
     try:
         return json.loads(text)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"not JSON: {err}") from None
+        raise InvalidFilter(f"--where is not JSON: {err}") from None
 
 
 def _get(args: argparse.Namespace) -> int:

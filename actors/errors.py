@@ -58,7 +58,6 @@ class LocalStackError(ActorsError):
 #: Errors that no retry can cure: the message is dead-lettered at once, nothing written.
 PERMANENT_ERRORS: tuple[type[Exception], ...] = (
     InvalidPayload,
-    InvalidFilter,
     InvalidKey,
     InvalidValue,
     KeyNotFound,
@@ -75,7 +74,6 @@ PERMANENT_ERRORS: tuple[type[Exception], ...] = (
 #: Errors that say the input itself is bad (a one-off run exits 2 for them).
 INPUT_ERRORS: tuple[type[Exception], ...] = (
     InvalidPayload,
-    InvalidFilter,
     InvalidKey,
     InvalidValue,
     InvalidFilter,

@@ -19,6 +19,7 @@ from kvstore.errors import (
     VersionNotFound,
 )
 from kvstore.keys import BrokerKeys, Keys
+from kvstore.listing import Page, list_memories
 from kvstore.models import Census, KeyRef, Outcome, Record, Write, WriteMeta, WriteResult
 from kvstore.store import MemoryStore, redis_translated
 from kvstore.validate import (
@@ -49,6 +50,7 @@ __all__ = [
     "MemsyncError",
     "NothingToRollBack",
     "Outcome",
+    "Page",
     "Record",
     "RedisServerMissing",
     "Scalar",
@@ -64,6 +66,7 @@ __all__ = [
     "check_metadata",
     "check_namespace",
     "content_hash",
+    "list_memories",
     "metadata_json",
     "redis_translated",
 ]

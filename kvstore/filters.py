@@ -100,7 +100,7 @@ def _holds(where: Mapping[str, Any], metadata: Mapping[str, Scalar]) -> bool:
 def _equal(value: Scalar | None, operand: Scalar) -> bool:
     if _kind(operand) in ("integer", "float"):
         return _numeric(operator.eq, value, operand)
-    return value is not None and _kind(value) == _kind(operand) and value == operand
+    return _kind(value) == _kind(operand) and value == operand
 
 
 def _numeric(compare: Callable[[Any, Any], bool], value: Scalar | None, operand: Scalar) -> bool:
@@ -122,7 +122,7 @@ def _in(value: Scalar | None, operands: list[Scalar]) -> bool:
 
 _PREDICATES: dict[str, Callable[[Scalar | None, Any], bool]] = {
     "$eq": _equal,
-    "$ne": lambda value, operand: value is not None and not _equal(value, operand),
+    "$ne": lambda value, operand: not _equal(value, operand),
     "$gt": partial(_numeric, operator.gt),
     "$gte": partial(_numeric, operator.ge),
     "$lt": partial(_numeric, operator.lt),

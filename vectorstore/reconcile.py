@@ -85,7 +85,12 @@ def _repair(memories: Memories, drift: Drift) -> None:
 
 
 def _differs(record: Record, entries: list[IndexEntry]) -> bool:
-    return any(e.version != record.version or e.content_hash != record.content_hash for e in entries)
+    """Whether any vector has another version, hash or metadata than the record."""
+    metadata = record.metadata
+    return any(
+        e.version != record.version or e.content_hash != record.content_hash or dict(e.metadata) != metadata
+        for e in entries
+    )
 
 
 def _whole(entries: list[IndexEntry]) -> bool:

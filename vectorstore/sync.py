@@ -16,8 +16,8 @@ one request per shard, or per embedding request) for the whole batch:
 5. index   for every locked key, bring the index to the key's current record: one get (of the
            keys written before, for their chunk count and metadata names), one delete of chunks a
            shorter text no longer has, one upsert, one relabel and one delete per shard; then
-           release the locks. Keys whose lock another
-           writer held are waited for, read again and go through this step once they are ours.
+           release the locks. Keys whose lock another writer held are waited for, read again and
+           go through this step once they are ours.
 
 Every step is idempotent, so a batch delivered again converges on the same state. Embedding
 happens before any lock is taken, so a lock is held for one Chroma round trip, never an embedding
@@ -367,14 +367,14 @@ class Memories:
     def _apply(self, heads: dict[KeyRef, Record | None], vectors: Mapping[KeyRef, KeyVectors]) -> None:
         """Bring each key's vectors to its record: delete, relabel, or embed (unless given) and upsert.
 
-        Chunks a shorter text no longer has go first, so that a step cut short leaves no vector the
-        first chunk's count does not account for.
+        What the index holds for the keys is read first: chunks a shorter text no longer has are
+        deleted before the upsert (so that a step cut short leaves no vector the first chunk's count
+        does not account for), and metadata fields a version lost are cleared (Chroma merges them).
         """
         gone = [ref for ref, head in heads.items() if head is None or head.deleted or not head.embed]
         live = {ref: head for ref, head in heads.items() if head is not None and ref not in gone}
         unknown = [ref for ref in live if ref not in vectors]
-        looked = [ref for ref in live if ref in unknown or live[ref].version > 1]
-        stored = self.index.stored(looked) if looked else {}
+        stored = self.index.stored(list(live)) if live else {}  # a version 1 may follow an expired key
         relabel, missing = _sorted_by_index(live, unknown, stored)
         self.put_vectors(live, {**vectors, **self._made(live, missing)}, stored)
         self.index.relabel([e for ref in relabel for e in _relabelled(live[ref], stored[ref])])
@@ -409,16 +409,16 @@ def _sorted_by_index(
     unknown: list[KeyRef],
     stored: dict[KeyRef, IndexEntry],
 ) -> tuple[list[KeyRef], list[KeyRef]]:
-    """Of the keys without a fresh vector: which need a new version label, and which a new embedding.
+    """Of the keys without a fresh vector: which need new labels, and which a new embedding.
 
-    A key whose vector already has its record's hash and version needs neither.
+    A key whose vector already has its record's hash, version and metadata needs neither.
     """
     relabel, missing = [], []
     for ref in unknown:
         entry, head = stored.get(ref), live[ref]
         if entry is None or entry.content_hash != head.content_hash:
             missing.append(ref)
-        elif entry.version != head.version:
+        elif entry.version != head.version or dict(entry.metadata) != head.metadata:
             relabel.append(ref)
     return relabel, missing
 

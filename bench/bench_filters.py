@@ -1,0 +1,565 @@
+"""Filtered search at 100,000 memories: Chroma's filtered query against a post-filter in Python, and listing.
+
+The memories are written to Redis with `MemoryStore.write_many` and indexed with seeded random unit
+vectors (1,536 dimensions) twice, each time under a prefix of its own (so in shard collections of its
+own): all in ONE namespace, so that one shard holds them all (the worst case), and spread over 100
+namespaces of 1,000. Memory `n` carries the metadata {"kind": "k{n % 10}", "group": "g{n % 100}", "n": n}.
+
+For each filter, `--queries` timed queries (after 20 warm-up ones), k = 10, each query a different text:
+- search(): `Memories.search`, the real path: the query embedded through the openai SDK by the test
+  embedding server, Chroma's filtered query in the namespace's shard, the Redis join;
+- post-filter n = k*10 and n = k*30: the same embedding, Chroma queried for the n nearest of the
+  namespace (no other filter), their Redis records read, `kvstore.filters.matches` on the records'
+  metadata, the first k current ones kept;
+- recall@10 of each: the share of the exact answer it found, the exact answer being cosine in numpy over
+  the namespace's memories that the filter keeps (the query vector is the test server's `vector_for`).
+Beside them, the embedding request alone (part of every figure above), and listing without a query:
+`kvstore.listing.list_memories(limit=100)` page by page through the whole one-namespace case.
+
+Run: python bench/bench_filters.py [--memories 100000] [--queries 200] [--write]
+(starts its own Redis, Chroma and embedding servers under a temporary directory, removed at the end;
+--write puts the tables into BENCHMARKS.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the test servers live in tests/support
+
+from kvstore import KeyRef, MemoryStore, Record, Write, WriteMeta, canonical_json, content_hash  # noqa: E402
+from kvstore.filters import Where, check_where, matches  # noqa: E402
+from kvstore.listing import list_memories  # noqa: E402
+from kvstore.server import redis_server_binary  # noqa: E402
+from kvstore.validate import metadata_json  # noqa: E402
+from tests.support.embedding_server import EmbeddingServer, vector_for  # noqa: E402
+from tests.support.services import Service, start_chroma, start_redis  # noqa: E402
+from vectorstore.embedder import OpenAIEmbedder  # noqa: E402
+from vectorstore.index import DEFAULT_SHARDS, IndexEntry, VectorIndex, chroma_client  # noqa: E402
+from vectorstore.sync import Memories  # noqa: E402
+
+DIMS = 1536
+K = 10
+OVERFETCH = (10, 30)
+WARMUP = 20
+LOAD_BATCH = 2000
+SPREAD_NAMESPACES = 100
+LIST_LIMIT = 100
+SEED = 20261202
+API_KEY = "sk-bench"
+GOAL_P95_MS = 50.0
+MARKER_START, MARKER_END = "<!-- bench_filters:start -->", "<!-- bench_filters:end -->"
+Matrix = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Case:
+    """A filter measured, by the name the tables give it."""
+
+    name: str
+    where: Where | None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Memories 0..size-1 in namespaces of `per_namespace`, in consecutive blocks, and their Memories."""
+
+    name: str
+    memories: Memories
+    namespaces: list[str]
+    per_namespace: int
+
+    def namespace_of(self, row: int) -> str:
+        return self.namespaces[row // self.per_namespace]
+
+    def rows_of(self, namespace: int) -> range:
+        return range(namespace * self.per_namespace, (namespace + 1) * self.per_namespace)
+
+
+@dataclass(frozen=True)
+class Query:
+    """One query: its text, the vector the test server gives it, the namespace it searches."""
+
+    text: str
+    vector: Matrix
+    namespace: int
+
+
+@dataclass(frozen=True)
+class Series:
+    """The latencies (ms) of one way of answering one filter's queries, and their mean recall@k."""
+
+    samples_ms: list[float]
+    recall: float | None = None
+
+    def cell(self) -> str:
+        return f"{percentile(self.samples_ms, 50):.1f} / {percentile(self.samples_ms, 95):.1f}"
+
+    def recall_cell(self) -> str:
+        return "" if self.recall is None else f"{self.recall:.2f}"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One filter in one layout: the share of each namespace it keeps, and each design's figures."""
+
+    layout: str
+    case: Case
+    kept: float
+    search: Series
+    post: dict[int, Series]
+
+
+@dataclass(frozen=True)
+class Walk:
+    """Listing one namespace through with one filter, a page of LIST_LIMIT at a time."""
+
+    case: Case
+    pages_ms: list[float]
+    listed: int
+
+    @property
+    def pages(self) -> Series:
+        return Series(self.pages_ms)
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.pages_ms) / 1000
+
+
+def metadata_of(row: int) -> dict[str, str | int]:
+    return {"kind": f"k{row % 10}", "group": f"g{row % 100}", "n": row}
+
+
+def text_of(row: int) -> str:
+    return f"memory {row}: the user likes topic {row % 37} and mentioned item {row * 7919 % 1000}"
+
+
+def cases(size: int) -> list[Case]:
+    """The filters measured; the one-namespace shares are 100%, 10%, 1%, 10%, 10% and 5%."""
+    return [
+        Case("none", None),
+        Case('kind = "k3"', check_where({"kind": "k3"})),
+        Case('group = "g42"', check_where({"group": "g42"})),
+        Case(f"n >= {size * 9 // 10:,}", check_where({"n": {"$gte": size * 9 // 10}})),
+        Case("group $in 10 values", check_where({"group": {"$in": [f"g{i}" for i in range(10)]}})),
+        Case(f'kind = "k3" $and n < {size // 2:,}', check_where({"kind": "k3", "n": {"$lt": size // 2}})),
+    ]
+
+
+def unit_vectors(count: int) -> Matrix:
+    vectors = np.random.default_rng(SEED).standard_normal((count, DIMS), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors
+
+
+def queries(count: int, namespaces: int) -> list[Query]:
+    """Query texts (warm-up ones first) with the vectors the test server answers for them."""
+    made = []
+    for i in range(count):
+        text = f"query {i}: what does the user say about topic {i % 37} and item {i * 104729 % 1000}?"
+        vector = np.asarray(vector_for(text, DIMS), dtype=np.float32)
+        made.append(Query(text, vector, i % namespaces))
+    return made
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def load(layout: Layout, vectors: Matrix) -> float:
+    """Write every memory of the layout to Redis and the index, LOAD_BATCH at a time; returns seconds."""
+    started = time.perf_counter()
+    for start in range(0, len(vectors), LOAD_BATCH):
+        rows = range(start, min(start + LOAD_BATCH, len(vectors)))
+        refs = [KeyRef(layout.namespace_of(row), key_of(row)) for row in rows]
+        results = layout.memories.store.write_many(
+            [_write(ref, row) for ref, row in zip(refs, rows, strict=True)]
+        )
+        entries = [_entry(result, row) for result, row in zip(results, rows, strict=True)]
+        layout.memories.index.upsert(entries, vectors[rows.start : rows.stop])
+    return time.perf_counter() - started
+
+
+def key_of(row: int) -> str:
+    return f"m{row:07d}"
+
+
+def _write(ref: KeyRef, row: int) -> Write:
+    text = text_of(row)
+    return Write(
+        ref, "set", WriteMeta(), canonical_json(text, 1_000_000), True, content_hash(text),
+        metadata_json=metadata_json(metadata_of(row)),
+    )  # fmt: skip
+
+
+def _entry(result: Any, row: int) -> IndexEntry:
+    current: Record | None = getattr(result, "current", None)
+    if current is None:
+        raise RuntimeError(f"memory {row} was not written: {result}")
+    return IndexEntry(
+        current.namespace, current.key, current.version, current.content_hash, metadata=metadata_of(row)
+    )
+
+
+# --- the two designs ----------------------------------------------------------------------------
+
+
+def search_keys(memories: Memories, query: Query, namespace: str, where: Where | None) -> list[str]:
+    """The real path: `Memories.search`."""
+    return [hit.key for hit in memories.search(query.text, K, namespace, where)]
+
+
+def post_filtered_keys(
+    memories: Memories, query: Query, namespace: str, where: Where | None, over: int
+) -> list[str]:
+    """The alternative: the `over * K` nearest of the namespace, filtered in Python on their Redis records."""
+    checked = check_where(where)
+    vector = memories.embedder.embed([query.text])[0]
+    entries = memories.index.query(namespace, vector, K * over)
+    records = memories.store.records([entry.key for entry in entries], namespace=namespace)
+    kept = [
+        e.key
+        for e in entries
+        if _current(e, records.get(e.key)) and matches(checked, records[e.key].metadata)
+    ]
+    return kept[:K]
+
+
+def _current(entry: IndexEntry, record: Record | None) -> bool:
+    if record is None or record.deleted or not record.embed:
+        return False
+    return entry.version == record.version and entry.content_hash == record.content_hash
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+
+class Truth:
+    """The exact top K of a query among the memories of its namespace that a filter keeps."""
+
+    def __init__(self, layout: Layout, vectors: Matrix, case: Case) -> None:
+        self.layout = layout
+        self.vectors = vectors
+        self.mask = np.fromiter(
+            (matches(case.where, metadata_of(row)) for row in range(len(vectors))), bool, len(vectors)
+        )
+
+    def kept(self) -> float:
+        first = self.layout.rows_of(0)
+        return float(self.mask[first.start : first.stop].mean())
+
+    def keys(self, query: Query) -> list[str]:
+        block = self.layout.rows_of(query.namespace)
+        rows = np.arange(block.start, block.stop)[self.mask[block.start : block.stop]]
+        scores = self.vectors[rows] @ query.vector
+        best = rows[np.argsort(-scores, kind="stable")[:K]]
+        return [key_of(int(row)) for row in best]
+
+
+def timed(call: Callable[[Query], list[str]], runs: Sequence[Query], truth: Truth) -> Series:
+    """Latencies of `call` over the timed queries (after WARMUP untimed ones), and mean recall@K."""
+    for query in runs[:WARMUP]:
+        call(query)
+    samples, recalls = [], []
+    for query in runs[WARMUP:]:
+        started = time.perf_counter()
+        found = call(query)
+        samples.append((time.perf_counter() - started) * 1000)
+        wanted = truth.keys(query)
+        recalls.append(len(set(found) & set(wanted)) / max(1, len(wanted)))
+    return Series(samples, float(np.mean(recalls)))
+
+
+def measure(layout: Layout, vectors: Matrix, case: Case, runs: Sequence[Query]) -> Row:
+    truth, memories = Truth(layout, vectors, case), layout.memories
+
+    def real(query: Query) -> list[str]:
+        return search_keys(memories, query, layout.namespaces[query.namespace], case.where)
+
+    def post(over: int) -> Callable[[Query], list[str]]:
+        return lambda q: post_filtered_keys(memories, q, layout.namespaces[q.namespace], case.where, over)
+
+    search = timed(real, runs, truth)
+    return Row(
+        layout.name, case, truth.kept(), search, {over: timed(post(over), runs, truth) for over in OVERFETCH}
+    )
+
+
+def embedding_alone(memories: Memories, runs: Sequence[Query]) -> Series:
+    """The query embedding request by itself: the SDK, HTTP and the test server's answer."""
+    for query in runs[:WARMUP]:
+        memories.embedder.embed([query.text])
+    samples = []
+    for query in runs[WARMUP:]:
+        started = time.perf_counter()
+        memories.embedder.embed([query.text])
+        samples.append((time.perf_counter() - started) * 1000)
+    return Series(samples)
+
+
+def walk(store: MemoryStore, namespace: str, case: Case) -> Walk:
+    """List a namespace through with a filter, following the cursor to the end."""
+    pages, listed, cursor = [], 0, None
+    while True:
+        started = time.perf_counter()
+        page = list_memories(store, namespace, case.where, limit=LIST_LIMIT, cursor=cursor)
+        pages.append((time.perf_counter() - started) * 1000)
+        listed += len(page.memories)
+        if page.cursor is None:
+            return Walk(case, pages, listed)
+        cursor = page.cursor
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Results:
+    """Everything one run measured."""
+
+    size: int
+    queries: int
+    load: str
+    loads_s: dict[str, float]
+    embedding: Series
+    rows: list[Row]
+    walks: list[Walk]
+
+
+class Bench:
+    """One run: its servers, its two layouts and its vectors."""
+
+    def __init__(self, redis_url: str, chroma_url: str, server: EmbeddingServer, size: int) -> None:
+        self.size = size
+        self.vectors = unit_vectors(size)
+        client = redis.Redis.from_url(redis_url)
+        chroma = chroma_client(chroma_url)
+        run = uuid.uuid4().hex[:6]
+
+        def memories(name: str) -> Memories:
+            prefix = f"bf{run}{name}"
+            store = MemoryStore(client, prefix=prefix)
+            index = VectorIndex(chroma, model="bench", dimensions=DIMS, prefix=prefix, shards=DEFAULT_SHARDS)
+            embedder = OpenAIEmbedder(
+                api_key=API_KEY, model="bench", dimensions=DIMS, base_url=server.base_url
+            )
+            return Memories(store, index, embedder)
+
+        per = size // SPREAD_NAMESPACES
+        self.one = Layout("one namespace", memories("one"), ["all"], size)
+        names = [f"ns-{n:03d}" for n in range(SPREAD_NAMESPACES)]
+        self.spread = Layout(f"{SPREAD_NAMESPACES} namespaces", memories("spread"), names, per)
+
+    def run(self, count: int, spread_all: bool) -> Results:
+        load = " ".join(f"{value:.2f}" for value in os.getloadavg())
+        loads = {layout.name: self._load(layout) for layout in (self.one, self.spread)}
+        chosen = cases(self.size)
+        progress(f"{len(chosen)} filters, {count} timed queries each, per design")
+        runs = queries(WARMUP + count, 1)
+        embedding = embedding_alone(self.one.memories, runs)
+        rows = [self._measure(self.one, case, runs) for case in chosen]
+        spread_runs = queries(WARMUP + count, SPREAD_NAMESPACES)
+        rows += [
+            self._measure(self.spread, case, spread_runs) for case in (chosen if spread_all else chosen[:2])
+        ]
+        walks = [self._walk(case) for case in (chosen[0], chosen[1], chosen[2])]
+        return Results(self.size, count, load, loads, embedding, rows, walks)
+
+    def _load(self, layout: Layout) -> float:
+        progress(f"loading {self.size:,} memories, {layout.name}")
+        seconds = load(layout, self.vectors)
+        progress(f"  {seconds:.0f} s ({self.size / seconds:,.0f} memories/s)")
+        return seconds
+
+    def _measure(self, layout: Layout, case: Case, runs: Sequence[Query]) -> Row:
+        started = time.perf_counter()
+        row = measure(layout, self.vectors, case, runs)
+        progress(f"  {layout.name}, {case.name}: {time.perf_counter() - started:.0f} s")
+        return row
+
+    def _walk(self, case: Case) -> Walk:
+        found = walk(self.one.memories.store, self.one.namespaces[0], case)
+        progress(f"  listing, {case.name}: {found.total_s:.1f} s")
+        return found
+
+
+def progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def servers() -> Iterator[tuple[str, Service, EmbeddingServer]]:
+    """A fresh redis-server and `chroma run` under a temporary directory, and the test embedding server."""
+    base = Path(tempfile.mkdtemp(prefix="memsync-filters-"))
+    started: list[Service] = []
+    server = EmbeddingServer(api_key=API_KEY, dimensions=DIMS).start()
+    try:
+        started.append(start_redis(base / "redis"))
+        started.append(start_chroma(base / "chroma"))
+        yield started[0].url, started[1], server
+    finally:
+        server.stop()
+        for service in reversed(started):
+            service.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def report(results: Results) -> list[str]:
+    loads = "; ".join(f"{name} {seconds:.0f} s" for name, seconds in results.loads_s.items())
+    lines = [
+        f"Command: `python bench/bench_filters.py --memories {results.size} --queries {results.queries}`.",
+        machine(results.load),
+        f"Load: {loads} ({results.size:,} memories each: `write_many` and upserts of {LOAD_BATCH:,}).",
+        "",
+        f"k = {K}; {results.queries} timed queries per figure after {WARMUP} warm-up ones; p50 / p95 in ms; "
+        "each figure includes the query's embedding request through the openai SDK to the test server, "
+        f"which alone took {results.embedding.cell()} ms.",
+        "",
+        *search_table(results.rows),
+        "",
+        *listing_table(results.walks),
+        "",
+    ]
+    return lines + verdict(results.rows)
+
+
+def search_table(rows: list[Row]) -> list[str]:
+    posts = "".join(f"| post-filter n={K * over} p50 / p95 | recall@10 " for over in OVERFETCH)
+    head = f"| layout | filter | kept | search() p50 / p95 | recall@10 {posts}|"
+    return [head, "|---|---|---:|---:|---:" + "|---:|---:" * len(OVERFETCH) + "|", *map(table_row, rows)]
+
+
+def table_row(row: Row) -> str:
+    post = "".join(f"| {row.post[over].cell()} | {row.post[over].recall_cell()} " for over in OVERFETCH)
+    return (
+        f"| {row.layout} | {row.case.name} | {row.kept:.0%} | {row.search.cell()} "
+        f"| {row.search.recall_cell()} {post}|"
+    )
+
+
+def listing_table(walks: list[Walk]) -> list[str]:
+    head = (
+        f"| listing, limit {LIST_LIMIT}, one namespace, filter | pages | memories listed "
+        "| page p50 / p95 ms | whole namespace s |"
+    )
+    rows = [
+        f"| {w.case.name} | {len(w.pages_ms)} | {w.listed:,} | {w.pages.cell()} | {w.total_s:.2f} |"
+        for w in walks
+    ]
+    return [head, "|---|---:|---:|---:|---:|", *rows]
+
+
+def verdict(rows: list[Row]) -> list[str]:
+    """The goal, p95 under GOAL_P95_MS ms for a filter keeping 10% of a namespace, design by design."""
+    lines = []
+    for row in rows:
+        if row.case.where == {"kind": {"$eq": "k3"}}:
+            designs = [("search()", row.search)]
+            designs += [(f"post-filter n={K * over}", row.post[over]) for over in OVERFETCH]
+            told = "; ".join(_against_goal(name, series) for name, series in designs)
+            lines.append(f"Goal (p95 under {GOAL_P95_MS:.0f} ms, 10% filter), {row.layout}: {told}.")
+    return lines
+
+
+def _against_goal(name: str, series: Series) -> str:
+    p95 = percentile(series.samples_ms, 95)
+    return (
+        f"{name} p95 {p95:.1f} ms ({'met' if p95 < GOAL_P95_MS else 'missed'}, recall@10 {series.recall:.2f})"
+    )
+
+
+def machine(load: str) -> str:
+    redis_version = subprocess.run(
+        [redis_server_binary(), "--version"], capture_output=True, text=True, check=False
+    ).stdout.split()
+    server = next((part[2:] for part in redis_version if part.startswith("v=")), "?")
+    return (
+        f"Machine: {os.cpu_count()} cores ({platform.machine()}), Python {platform.python_version()}, "
+        f"chromadb {version('chromadb')}, redis-server {server}; the index in {DEFAULT_SHARDS} shards, "
+        f"{DIMS} dimensions, cosine; load average before the run {load}."
+    )
+
+
+def write(lines: list[str]) -> None:
+    """Put the lines between this bench's markers in BENCHMARKS.md, adding its section the first time."""
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text(encoding="utf-8")
+    body = "\n".join([MARKER_START, *lines, MARKER_END])
+    if MARKER_START not in text:
+        path.write_text(text.rstrip("\n") + "\n\n" + SECTION + body + "\n", encoding="utf-8")
+        return
+    head, _, rest = text.partition(MARKER_START)
+    _, _, tail = rest.partition(MARKER_END)
+    path.write_text(head + body + tail, encoding="utf-8")
+
+
+SECTION = """## Filtered search at 100,000 memories
+
+`bench/bench_filters.py` loads 100,000 memories (Redis records with metadata, seeded random unit
+vectors of 1,536 dimensions) twice: all in one namespace, so that one shard collection holds them all,
+and over 100 namespaces of 1,000. For each filter it times `Memories.search` (the query embedded
+through the openai SDK by the test embedding server, Chroma's filtered query, the Redis join) against
+the alternative: Chroma queried for the namespace only, for the n nearest, then the records' metadata
+filtered in Python with `kvstore.filters.matches`. recall@10 is the share of the exact answer (cosine
+over the filtered memories, in numpy) that each found. Memory `n` has `kind` `k{n % 10}`, `group`
+`g{n % 100}` and `n`. Command (from the repository root, in the venv of the Quick start's test command):
+
+```
+python bench/bench_filters.py --write
+```
+
+"""
+
+
+def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--memories", type=int, default=100_000)
+    parser.add_argument("--queries", type=int, default=200, help="timed queries per figure")
+    parser.add_argument("--spread-all", action="store_true", help="every filter in the spread layout too")
+    parser.add_argument("--write", action="store_true", help="put the tables into BENCHMARKS.md")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _arguments(argv)
+    if args.memories % SPREAD_NAMESPACES:
+        raise SystemExit(f"--memories must be a multiple of {SPREAD_NAMESPACES}")
+    started = time.perf_counter()
+    with servers() as (redis_url, chroma, server):
+        results = Bench(redis_url, chroma.url, server, args.memories).run(args.queries, args.spread_all)
+    lines = report(results)
+    print("\n".join(lines))
+    progress(f"total {time.perf_counter() - started:.0f} s")
+    if args.write:
+        write(lines)
+
+
+if __name__ == "__main__":
+    main()
