@@ -23,13 +23,19 @@ from __future__ import annotations
 
 import math
 import operator
-import re
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
 from kvstore.errors import InvalidFilter
-from kvstore.validate import MAX_METADATA_STRING_BYTES, Scalar
+from kvstore.validate import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_METADATA_STRING_BYTES,
+    METADATA_NAME,
+    Scalar,
+    utf8_size,
+)
 
 __all__ = [
     "COMPARISONS",
@@ -55,8 +61,6 @@ MAX_FILTER_DEPTH = 8
 COMPARISONS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin")
 _LOGICAL = ("$and", "$or")
 # The names check_metadata accepts: a filter on any other name could never match.
-_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
-_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 
 
 def check_where(where: object) -> Where | None:
@@ -113,7 +117,7 @@ def _numeric(compare: Callable[[Any, Any], bool], value: Scalar | None, operand:
 
 def _as_i64(number: Scalar) -> int:
     """`number` as Rust's `f as i64` makes it: truncated toward zero, saturating at the bounds."""
-    return min(max(int(number), _I64_MIN), _I64_MAX)
+    return min(max(int(number), INT64_MIN), INT64_MAX)
 
 
 def _in(value: Scalar | None, operands: list[Scalar]) -> bool:
@@ -218,7 +222,7 @@ def _check_field_name(name: object, path: str) -> str:
         raise InvalidFilter(
             f"{path}: unknown operator {name!r} where a field name belongs; $and and $or combine filters"
         )
-    if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name):
+    if not isinstance(name, str) or not METADATA_NAME.fullmatch(name):
         raise InvalidFilter(
             f"{path}: {repr(name)[:80]} is not a field name "
             "(1-64 of A-Z, a-z, 0-9, '_', '.', '-' starting with a letter or '_')"
@@ -243,16 +247,15 @@ def _scalar(value: object, path: str) -> Scalar:
 
 
 def _integer(value: int, path: str) -> int:
-    if not _I64_MIN <= value <= _I64_MAX:
+    if not INT64_MIN <= value <= INT64_MAX:
         raise InvalidFilter(f"{path}: integer out of the 64-bit range")
     return value
 
 
 def _text(value: str, path: str) -> str:
-    try:
-        size = len(value.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise InvalidFilter(f"{path}: text that is not valid UTF-8 (a lone surrogate)") from None
+    size = utf8_size(value)
+    if size is None:
+        raise InvalidFilter(f"{path}: text that is not valid UTF-8 (a lone surrogate)")
     if size > MAX_METADATA_STRING_BYTES:
         raise InvalidFilter(
             f"{path}: {size} bytes of text; no metadata value is longer than {MAX_METADATA_STRING_BYTES}"

@@ -14,11 +14,14 @@ from kvstore.errors import InvalidKey, InvalidMetadata, InvalidValue, ValueTooLa
 
 __all__ = [
     "DEFAULT_NAMESPACE",
+    "INT64_MAX",
+    "INT64_MIN",
     "MAX_DEPTH",
     "MAX_KEY_LENGTH",
     "MAX_METADATA_BYTES",
     "MAX_METADATA_FIELDS",
     "MAX_METADATA_STRING_BYTES",
+    "METADATA_NAME",
     "Scalar",
     "canonical_json",
     "check_key",
@@ -27,6 +30,7 @@ __all__ = [
     "content_hash",
     "embedding_text",
     "metadata_json",
+    "utf8_size",
 ]
 
 DEFAULT_NAMESPACE = "default"
@@ -40,7 +44,9 @@ Scalar = str | int | float | bool
 MAX_METADATA_FIELDS = 32
 MAX_METADATA_STRING_BYTES = 1024
 MAX_METADATA_BYTES = 8192
-_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+#: A metadata field's name (filters name fields the same way).
+METADATA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def check_key(key: object) -> str:
@@ -163,7 +169,7 @@ def metadata_json(metadata: Mapping[str, Scalar]) -> str:
 
 
 def _check_field(name: object, value: object) -> None:
-    if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name):
+    if not isinstance(name, str) or not METADATA_NAME.fullmatch(name):
         shown = repr(name)[:80]
         raise InvalidMetadata(
             f"metadata field name {shown} is not 1-64 of A-Z, a-z, 0-9, '_', '.', '-' "
@@ -172,7 +178,7 @@ def _check_field(name: object, value: object) -> None:
     if isinstance(value, bool):
         return
     if isinstance(value, int):
-        if not -(2**63) <= value < 2**63:
+        if not INT64_MIN <= value <= INT64_MAX:
             raise InvalidMetadata(f"metadata field {name!r}: integer out of the 64-bit range")
     elif isinstance(value, float):
         if not math.isfinite(value):
@@ -185,11 +191,18 @@ def _check_field(name: object, value: object) -> None:
 
 
 def _check_metadata_text(name: str, value: str) -> None:
-    try:
-        size = len(value.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise InvalidMetadata(f"metadata field {name!r}: text that is not valid UTF-8") from None
+    size = utf8_size(value)
+    if size is None:
+        raise InvalidMetadata(f"metadata field {name!r}: text that is not valid UTF-8")
     if size > MAX_METADATA_STRING_BYTES:
         raise InvalidMetadata(
             f"metadata field {name!r}: {size} bytes of text; the limit is {MAX_METADATA_STRING_BYTES}"
         )
+
+
+def utf8_size(text: str) -> int | None:
+    """The bytes of `text` in UTF-8, or None when it cannot be encoded (it holds a lone surrogate)."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return None

@@ -60,7 +60,7 @@ from vectorstore.errors import VectorStoreError
 from vectorstore.index import IndexEntry, VectorIndex, vector_ids
 from vectorstore.observer import NO_OBSERVER, Observer
 from vectorstore.search import Hit, search
-from vectorstore.vectors import KeyVectors, embed_texts, entries_for
+from vectorstore.vectors import KeyVectors, embed_texts, entries_for, relabelled
 
 __all__ = ["LOCK_TIMEOUT_MS", "LOCK_WAIT_MS", "ItemResult", "Memories", "SyncItem"]
 
@@ -377,7 +377,7 @@ class Memories:
         stored = self.index.stored(list(live)) if live else {}  # a version 1 may follow an expired key
         relabel, missing = _sorted_by_index(live, unknown, stored)
         self.put_vectors(live, {**vectors, **self._made(live, missing)}, stored)
-        self.index.relabel([e for ref in relabel for e in _relabelled(live[ref], stored[ref])])
+        self.index.relabel([e for ref in relabel for e in relabelled(live[ref], stored[ref])])
         self.index.delete(gone)
         if self.mirror is not None:  # still under the keys' locks, when the step holds them
             self.mirror(list(heads))
@@ -462,24 +462,6 @@ def _surplus(
         if old is not None and old.chunks > len(new.chunks):
             surplus[ref] = vector_ids(ref, old.chunks, first=len(new.chunks))
     return surplus
-
-
-def _relabelled(record: Record, stored: IndexEntry) -> list[IndexEntry]:
-    """New labels for every chunk of a key whose text is unchanged: its version and its metadata."""
-    cleared = tuple(sorted(set(stored.metadata) - set(record.metadata)))
-    return [
-        IndexEntry(
-            record.namespace,
-            record.key,
-            record.version,
-            record.content_hash,
-            chunk=chunk,
-            chunks=stored.chunks,
-            metadata=record.metadata,
-            cleared=cleared,
-        )
-        for chunk in range(stored.chunks)
-    ]
 
 
 def _text_of(record: Record) -> str:

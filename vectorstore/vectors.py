@@ -13,7 +13,7 @@ from vectorstore.embedder import Embedder
 from vectorstore.errors import EmbeddingRejected, VectorStoreError
 from vectorstore.index import IndexEntry, Vectors
 
-__all__ = ["KeyVectors", "embed_texts", "entries_for"]
+__all__ = ["KeyVectors", "embed_texts", "entries_for", "relabelled"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,21 @@ def _embedded(embedder: Embedder, pieces: list[list[Chunk]]) -> list[KeyVectors 
 def entries_for(record: Record, vectors: KeyVectors, stored: IndexEntry | None = None) -> list[IndexEntry]:
     """The index entries of a record's vectors, one per chunk; `stored`: what the index held before."""
     count = len(vectors.chunks)
+    spans = [(chunk.start, chunk.end) if count > 1 else None for chunk in vectors.chunks]
+    return _entries(record, count, spans, stored)
+
+
+def relabelled(record: Record, stored: IndexEntry) -> list[IndexEntry]:
+    """New labels for every chunk of a key whose text is unchanged: its version and its metadata.
+
+    The chunks keep their offsets (Chroma keeps the fields an update leaves out).
+    """
+    return _entries(record, stored.chunks, [None] * stored.chunks, stored)
+
+
+def _entries(
+    record: Record, count: int, spans: list[tuple[int, int] | None], stored: IndexEntry | None
+) -> list[IndexEntry]:
     metadata = record.metadata
     cleared = tuple(sorted(set(stored.metadata) - set(metadata))) if stored is not None else ()
     return [
@@ -68,9 +83,9 @@ def entries_for(record: Record, vectors: KeyVectors, stored: IndexEntry | None =
             record.content_hash,
             chunk=n,
             chunks=count,
-            span=(chunk.start, chunk.end) if count > 1 else None,
+            span=span,
             metadata=metadata,
             cleared=cleared,
         )
-        for n, chunk in enumerate(vectors.chunks)
+        for n, span in enumerate(spans)
     ]

@@ -8,13 +8,11 @@ import pytest
 import redis
 
 from kvstore import KeyRef, MemoryStore
-from tests.conftest import API_KEY
 from tests.support.embedding_server import EmbeddingServer
-from vectorstore import IndexEntry, Memories, OpenAIEmbedder, VectorIndex, chroma_client
+from vectorstore import IndexEntry, Memories, VectorIndex, chroma_client
 from vectorstore.chunks import openai_tokens
 from vectorstore.reconcile import find_drift, reconcile
 
-MODEL = "test-embedding"
 NS = "default"
 #: A few sentences over and over: every part of the filler holds the same words in the same proportions.
 FILLER = (
@@ -24,18 +22,6 @@ FILLER = (
 SECRET = "Finally, the secret ingredient of grandma's soup was smoked paprika."
 DECOY = "Finally, the old lighthouse keeper painted his boats every spring."
 QUERY = "secret ingredient grandma soup smoked paprika"
-
-
-@pytest.fixture
-def memories(
-    redis_client: redis.Redis, chroma_url: str, prefix: str, embedding_service: EmbeddingServer
-) -> Iterator[Memories]:
-    store = MemoryStore(redis_client, prefix=prefix, history_length=5)
-    index = VectorIndex(chroma_client(chroma_url), model=MODEL, dimensions=None, prefix=prefix)
-    embedder = OpenAIEmbedder(api_key=API_KEY, model=MODEL, base_url=embedding_service.base_url)
-    yield Memories(store, index, embedder)
-    index.drop_all()
-    embedder.close()
 
 
 def long_text(tokens: int, ending: str) -> str:

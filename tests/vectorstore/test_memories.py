@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,17 +25,6 @@ from vectorstore import (
 from vectorstore.reconcile import reconcile
 
 MODEL = "test-embedding"
-
-
-@pytest.fixture
-def memories(
-    redis_client: redis.Redis, chroma_url: str, prefix: str, embedding_service: EmbeddingServer
-) -> Iterator[Memories]:
-    store = MemoryStore(redis_client, prefix=prefix, history_length=5)
-    index = VectorIndex(chroma_client(chroma_url), model=MODEL, dimensions=None, prefix=prefix)
-    embedder = OpenAIEmbedder(api_key=API_KEY, model=MODEL, base_url=embedding_service.base_url)
-    yield Memories(store, index, embedder)
-    index.drop_all()
 
 
 def _embedding_calls(server: EmbeddingServer) -> int:

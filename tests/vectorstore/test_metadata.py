@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 
-from kvstore import InvalidMetadata, KeyRef, MemoryStore
+from kvstore import InvalidMetadata, KeyRef
 from kvstore.errors import InvalidFilter
 from kvstore.listing import list_memories
-from tests.conftest import API_KEY
 from tests.support.embedding_server import EmbeddingServer
-from vectorstore import InvalidQuery, Memories, OpenAIEmbedder, SyncItem, VectorIndex, chroma_client
+from vectorstore import InvalidQuery, Memories, SyncItem
 from vectorstore.reconcile import reconcile
 
-MODEL = "test-embedding"
 NS = "default"
 #: Memories that share the word "pet", each with metadata of every kind of value.
 PETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -26,18 +22,6 @@ PETS: dict[str, tuple[str, dict[str, Any]]] = {
     "snake": ("the pet is a snake", {"kind": "preference", "legs": 0, "weight": 2.0}),
     "fish": ("the pet is a fish", {}),
 }
-
-
-@pytest.fixture
-def memories(
-    redis_client: redis.Redis, chroma_url: str, prefix: str, embedding_service: EmbeddingServer
-) -> Iterator[Memories]:
-    store = MemoryStore(redis_client, prefix=prefix, history_length=5)
-    index = VectorIndex(chroma_client(chroma_url), model=MODEL, dimensions=None, prefix=prefix)
-    embedder = OpenAIEmbedder(api_key=API_KEY, model=MODEL, base_url=embedding_service.base_url)
-    yield Memories(store, index, embedder)
-    index.drop_all()
-    embedder.close()
 
 
 @pytest.fixture
