@@ -31,6 +31,7 @@ from kvstore.validate import (
     check_namespace,
     content_hash,
     metadata_json,
+    same_metadata,
 )
 
 __all__ = [
@@ -69,4 +70,5 @@ __all__ = [
     "list_memories",
     "metadata_json",
     "redis_translated",
+    "same_metadata",
 ]

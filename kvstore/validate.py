@@ -30,6 +30,7 @@ __all__ = [
     "content_hash",
     "embedding_text",
     "metadata_json",
+    "same_metadata",
     "utf8_size",
 ]
 
@@ -206,3 +207,8 @@ def utf8_size(text: str) -> int | None:
         return len(text.encode("utf-8"))
     except UnicodeEncodeError:
         return None
+
+
+def same_metadata(a: Mapping[str, Scalar], b: Mapping[str, Scalar]) -> bool:
+    """Whether two metadata hold the same fields and values, of the same types (1, 1.0 and True differ)."""
+    return metadata_json(a) == metadata_json(b)

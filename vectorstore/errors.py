@@ -40,7 +40,7 @@ class EmbeddingRejected(VectorStoreError):
 
 
 class LocalModelMissing(VectorStoreError):
-    """Raised when the offline model is asked for but its packages are not installed."""
+    """Raised when the offline model, or a tokenizer's data, is asked for but its package is missing."""
 
 
 class IndexUnavailable(VectorStoreError):

@@ -63,7 +63,6 @@ _SAFE_NAMESPACE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PAGE = 1000
 #: What a user's metadata field is called in Chroma: beside memsync's own fields, never among them.
 USER_FIELD_PREFIX = "m."
-_OWN_FIELDS = ("key", "namespace", "version", "hash", "chunk", "chunks", "start", "end")
 
 
 @dataclass(frozen=True)
@@ -215,7 +214,7 @@ class VectorIndex:
     ) -> None:
         """Store one vector per entry (row `i` of `vectors` for entry `i`), replacing what those ids had.
 
-        A key's chunks past the new ones are not touched: `delete_chunks` removes them.
+        A key's chunks past the new ones are not touched: `delete_ids` removes them.
         """
         if not entries:
             return
@@ -268,7 +267,7 @@ class VectorIndex:
         return self._batch_limit
 
     def relabel(self, entries: Sequence[IndexEntry]) -> None:
-        """Update the version of vectors whose text did not change, without embedding again."""
+        """Update the labels (version, metadata) of vectors whose text did not change, without embedding."""
         with self._writing:
             self._relabel(entries)
 

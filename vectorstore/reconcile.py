@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from kvstore import KeyRef, MemoryStore, Record
+from kvstore import KeyRef, MemoryStore, Record, same_metadata
 from vectorstore.index import IndexEntry, VectorIndex
 from vectorstore.sync import Memories
 
@@ -19,8 +19,10 @@ REPAIR_BATCH = 500
 class Drift:
     """What differs in one namespace: keys with no vectors, out-of-date ones, or vectors with no key.
 
-    A key is stale when any of its vectors has another version or hash than its record, or when
-    its chunks are not exactly 0 to n-1 of the count the first one gives (`broken`, a subset).
+    A key is stale when any of its vectors has another version, hash or metadata than its record,
+    or when its chunks are not exactly 0 to n-1 of the count the first one gives. Of those, the
+    ones a repair from the first chunk cannot fix are `broken` (a subset): their chunks are not
+    whole, or the first chunk agrees with the record while another does not.
     """
 
     namespace: str
@@ -54,8 +56,8 @@ def index_drift(store: MemoryStore, index: VectorIndex, namespace: str) -> Drift
     drift = Drift(namespace)
     both = set(wanted) & set(indexed)
     drift.missing = sorted(set(wanted) - set(indexed))
-    drift.broken = sorted(key for key in both if not _whole(indexed[key]))
-    drift.stale = sorted(key for key in both if key in drift.broken or _differs(wanted[key], indexed[key]))
+    drift.stale = sorted(key for key in both if _differs(wanted[key], indexed[key]))
+    drift.broken = sorted(key for key in drift.stale if _beyond_repair(wanted[key], indexed[key]))
     drift.orphan = sorted(set(indexed) - set(wanted))
     return drift
 
@@ -85,11 +87,21 @@ def _repair(memories: Memories, drift: Drift) -> None:
 
 
 def _differs(record: Record, entries: list[IndexEntry]) -> bool:
-    """Whether any vector has another version, hash or metadata than the record."""
-    metadata = record.metadata
-    return any(
-        e.version != record.version or e.content_hash != record.content_hash or dict(e.metadata) != metadata
-        for e in entries
+    """Whether the chunks are not whole, or any has another version, hash or metadata than the record."""
+    return not _whole(entries) or any(_label_differs(record, entry) for entry in entries)
+
+
+def _beyond_repair(record: Record, entries: list[IndexEntry]) -> bool:
+    """Whether a repair that reads the first chunk would leave the key as it is."""
+    first = next((entry for entry in entries if entry.chunk == 0), None)
+    return not _whole(entries) or first is None or not _label_differs(record, first)
+
+
+def _label_differs(record: Record, entry: IndexEntry) -> bool:
+    return (
+        entry.version != record.version
+        or entry.content_hash != record.content_hash
+        or not same_metadata(entry.metadata, record.metadata)
     )
 
 

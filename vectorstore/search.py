@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from kvstore import MemoryStore, Record, Scalar, check_namespace
-from kvstore.filters import check_where
+from kvstore.filters import check_where, matches
 from vectorstore.embedder import Embedder
 from vectorstore.errors import EmbeddingUnavailable, IndexUnavailable, InvalidQuery
 from vectorstore.index import IndexEntry, VectorIndex
@@ -74,7 +74,7 @@ def search(
     wanted = k + 10
     while True:
         entries = retry(functools.partial(index.query, ns, vector, wanted, checked))
-        hits, stale = _current(entries, store.records(_keys(entries), namespace=ns), ns)
+        hits, stale = _current(entries, store.records(_keys(entries), namespace=ns), ns, checked)
         weak = min_score is not None and bool(entries) and 1.0 - entries[-1].distance < min_score
         if len(hits) >= k or len(entries) < wanted or weak:
             if stale:  # the last round read every entry the earlier ones did
@@ -123,13 +123,19 @@ def _keys(entries: list[IndexEntry]) -> list[str]:
     return list(dict.fromkeys(entry.key for entry in entries))
 
 
-def _current(entries: list[IndexEntry], records: dict[str, Record], namespace: str) -> tuple[list[Hit], int]:
-    """The hits of current entries, each key once (by its closest chunk); and how many entries were stale."""
+def _current(
+    entries: list[IndexEntry], records: dict[str, Record], namespace: str, where: Mapping[str, Any] | None
+) -> tuple[list[Hit], int]:
+    """The hits of current entries, each key once (by its closest chunk); and how many entries were stale.
+
+    The filter is checked again on the record (the truth): a vector labelled with a version's
+    metadata that a later write of the same version number replaced is not a hit.
+    """
     hits: dict[str, Hit] = {}
     stale = 0
     for entry in entries:
         record = records.get(entry.key)
-        if record is None or not _is_current(entry, record):
+        if record is None or not _is_current(entry, record) or not matches(where, record.metadata):
             stale += 1
         elif entry.key not in hits:
             hits[entry.key] = _hit(entry, record, namespace)

@@ -53,6 +53,7 @@ from kvstore import (
     check_namespace,
     content_hash,
     metadata_json,
+    same_metadata,
 )
 from kvstore.validate import embedding_text
 from vectorstore.embedder import Embedder
@@ -97,6 +98,7 @@ class _Pending:
     write: Write
     text: str = ""  # the text still to embed; "" when nothing is (not embedded, or the index has it)
     vectors: KeyVectors | None = None  # the embedding of the item's text (a row per chunk), once made
+    digest: str = ""  # the content hash `vectors` were made from, when not the write's own (a rollback)
     result: WriteResult | None = None
 
     @property
@@ -186,8 +188,25 @@ class Memories:
         target = "" if version is None else str(version)
         batch = _Batch([None])
         write = Write(ref, "rollback", meta or WriteMeta(), target, lock_token=batch.token)
-        self._write_and_index(batch, [_Pending(0, write)])
+        item = _Pending(0, write)
+        self._embed_target(item, version)
+        self._write_and_index(batch, [item])
         return _raised(_done(batch.results[0]))
+
+    def _embed_target(self, item: _Pending, version: int | None) -> None:
+        """Embed the text a rollback will restore before its write, so that no lock waits for it.
+
+        Best effort: the index step uses these vectors only if the restored record has this text.
+        """
+        target = _restored(self.store.history(item.ref.key, namespace=item.ref.namespace), version)
+        if target is None or not target.embed or target.deleted:
+            return
+        stored = self.index.stored([item.ref]).get(item.ref)
+        if stored is not None and stored.content_hash == target.content_hash:
+            return  # a relabel will do
+        [vectors] = embed_texts(self.embedder, [_text_of(target)])
+        if isinstance(vectors, KeyVectors):
+            item.vectors, item.digest = vectors, target.content_hash
 
     def undo(self, key: str, msg_id: str, *, namespace: str | None = None) -> bool:
         """Take back the version `msg_id` wrote, when it is still current (a sync that failed for good)."""
@@ -346,14 +365,15 @@ class Memories:
                 if (
                     item.vectors is not None
                     and head is not None
-                    and head.content_hash == item.write.content_hash
+                    and head.content_hash == (item.digest or item.write.content_hash)
                 ):
                     vectors[item.ref] = item.vectors
         try:
             self._apply(jobs, vectors)
         except (VectorStoreError, StoreUnavailable) as error:
             batch.fail(items, error)
-        self._release(batch, items)
+        finally:
+            self._release(batch, items)
 
     def _release(self, batch: _Batch, items: list[_Pending]) -> None:
         try:
@@ -374,11 +394,12 @@ class Memories:
         gone = [ref for ref, head in heads.items() if head is None or head.deleted or not head.embed]
         live = {ref: head for ref, head in heads.items() if head is not None and ref not in gone}
         unknown = [ref for ref in live if ref not in vectors]
-        stored = self.index.stored(list(live)) if live else {}  # a version 1 may follow an expired key
+        stored = self.index.stored(list(heads)) if heads else {}  # a version 1 may follow an expired key
         relabel, missing = _sorted_by_index(live, unknown, stored)
-        self.put_vectors(live, {**vectors, **self._made(live, missing)}, stored)
+        made = {**vectors, **self._made(live, missing)}
+        self.index.delete_ids(_removed(gone, stored))
+        self.put_vectors(live, made, stored)
         self.index.relabel([e for ref in relabel for e in relabelled(live[ref], stored[ref])])
-        self.index.delete(gone)
         if self.mirror is not None:  # still under the keys' locks, when the step holds them
             self.mirror(list(heads))
 
@@ -418,7 +439,7 @@ def _sorted_by_index(
         entry, head = stored.get(ref), live[ref]
         if entry is None or entry.content_hash != head.content_hash:
             missing.append(ref)
-        elif entry.version != head.version or dict(entry.metadata) != head.metadata:
+        elif entry.version != head.version or not same_metadata(entry.metadata, head.metadata):
             relabel.append(ref)
     return relabel, missing
 
@@ -450,6 +471,18 @@ def _lock(item: _Pending) -> str:
 
 def _current(item: _Pending) -> Record | None:
     return item.result.current if item.result is not None else None
+
+
+def _removed(gone: list[KeyRef], stored: Mapping[KeyRef, IndexEntry]) -> dict[KeyRef, list[str]]:
+    """The ids of every chunk of keys that must have no vectors (by the count their first chunk gives)."""
+    return {ref: vector_ids(ref, stored[ref].chunks) for ref in gone if ref in stored}
+
+
+def _restored(history: list[Record], version: int | None) -> Record | None:
+    """The record a rollback to `version` (None: the previous one) restores, when it is retained."""
+    if version is None:
+        return history[0] if history else None
+    return next((record for record in history if record.version == version), None)
 
 
 def _surplus(

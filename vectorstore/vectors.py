@@ -30,11 +30,19 @@ def embed_texts(embedder: Embedder, texts: Sequence[str]) -> list[KeyVectors | V
     Every chunk of every text goes in one call (the embedder splits it at the request limits). A
     refusal about the input is narrowed down by halves to the texts that caused it.
     """
+    pieces = [_split(embedder, text) for text in texts]
+    made = iter(_embedded(embedder, [chunks for chunks in pieces if isinstance(chunks, list)]))
+    return [next(made) if isinstance(chunks, list) else chunks for chunks in pieces]
+
+
+def _split(embedder: Embedder, text: str) -> list[Chunk] | VectorStoreError:
+    """The chunks of a text, or the error that stands for it (a tokenizer missing; a text no chunk holds)."""
     try:
-        pieces = [embedder.chunker.split(text) for text in texts]
-    except VectorStoreError as error:  # the local model's tokenizer missing, say
-        return [error] * len(texts)
-    return _embedded(embedder, pieces)
+        return embedder.chunker.split(text)
+    except VectorStoreError as error:
+        return error
+    except ValueError as error:
+        return EmbeddingRejected(f"the text cannot be embedded: {error}")
 
 
 def _embedded(embedder: Embedder, pieces: list[list[Chunk]]) -> list[KeyVectors | VectorStoreError]:

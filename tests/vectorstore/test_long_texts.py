@@ -158,3 +158,19 @@ def test_the_local_model_embeds_every_chunk_of_a_long_text_and_finds_its_last_se
     [hit] = local_memories.search("what spice goes into grandma's soup?", k=1)
     assert (hit.key, hit.chunk) == ("diary", len(chunks) - 1)
     assert hit.span is not None and ending in text[hit.span[0] : hit.span[1]]
+
+
+def test_reconcile_relabels_a_later_chunk_left_at_an_older_version(memories: Memories) -> None:
+    memories.sync("soup", long_text(30_000, SECRET), embed=True)
+    memories.sync("soup", long_text(30_000, SECRET), embed=True, metadata={"kind": "recipe"})
+    last = vectors_of(memories, "soup")[-1]
+    memories.index.relabel(
+        [IndexEntry(NS, "soup", 1, last.content_hash, chunk=last.chunk, chunks=last.chunks)]
+    )
+
+    first = find_drift(memories, NS)
+    assert first.stale == ["soup"] and first.broken == ["soup"]
+    reconcile(memories, [NS])
+
+    assert find_drift(memories, NS).counts() == {"missing": 0, "stale": 0, "orphan": 0}
+    assert {(e.version, e.metadata.get("kind")) for e in vectors_of(memories, "soup")} == {(2, "recipe")}

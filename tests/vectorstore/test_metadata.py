@@ -10,7 +10,7 @@ from kvstore import InvalidMetadata, KeyRef
 from kvstore.errors import InvalidFilter
 from kvstore.listing import list_memories
 from tests.support.embedding_server import EmbeddingServer
-from vectorstore import InvalidQuery, Memories, SyncItem
+from vectorstore import IndexEntry, InvalidQuery, Memories, SyncItem
 from vectorstore.reconcile import reconcile
 
 NS = "default"
@@ -254,3 +254,19 @@ def test_listing_without_a_filter_gives_every_current_memory_and_leaves_out_expi
 def test_listing_refuses_a_bad_limit_or_cursor(memories: Memories, arguments: Any, problem: str) -> None:
     with pytest.raises(InvalidFilter, match=problem):
         list_memories(memories.store, NS, **arguments)
+
+
+def test_a_vector_whose_labels_disagree_with_the_record_is_no_hit_for_the_filter(memories: Memories) -> None:
+    memories.sync("plan", "the user pays for the plan", embed=True, metadata={"tier": "free"})
+    entry = memories.index.stored([KeyRef(NS, "plan")])[KeyRef(NS, "plan")]
+    # The same version number labelled with other metadata: what a key re-created after its expiry
+    # can meet before its index step runs.
+    memories.index.relabel(
+        [IndexEntry(NS, "plan", entry.version, entry.content_hash, metadata={"tier": "gold"})]
+    )
+
+    assert memories.search("plan", where={"tier": "gold"}) == []
+    assert [
+        hit.key for hit in memories.search("plan", where={"tier": "free"})
+    ] == []  # Chroma's label disagrees
+    assert [hit.key for hit in memories.search("plan")] == ["plan"]
