@@ -1,7 +1,7 @@
-"""Bulk import and export of memories as JSON Lines, one `{key, value, embed, namespace}` object a line.
+"""Bulk import and export of memories as JSON Lines, one `{key, value, embed, namespace, metadata}` a line.
 
 `import` sends `memory_sync_batch` messages with `skip_unchanged`, so a memory whose key already
-holds the same value makes no new version and costs no embedding: an import stopped halfway and
+holds the same value and metadata makes no new version and costs no embedding: an import stopped halfway and
 run again applies nothing twice. `export` writes what `import` reads back unchanged.
 """
 

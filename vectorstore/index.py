@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import re
 import threading
+import time
 import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -61,6 +62,8 @@ Vectors = npt.NDArray[np.float32]
 DEFAULT_SHARDS = 16
 _SAFE_NAMESPACE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PAGE = 1000
+#: How long a shard's vector count (`VectorIndex.share`) is taken as still true.
+SHARE_CHECK_S = 10.0
 #: What a user's metadata field is called in Chroma: beside memsync's own fields, never among them.
 USER_FIELD_PREFIX = "m."
 
@@ -196,6 +199,7 @@ class VectorIndex:
         self._queue_lock = threading.Lock()
         self._queue: list[_Upsert] = []
         self._batch_limit: int | None = None
+        self._counts: dict[int, tuple[float, int]] = {}  # shard -> (when read, monotonic s; vectors)
 
     def shard_of(self, namespace: str) -> int:
         return shard_for(namespace, self.shards)
@@ -305,17 +309,36 @@ class VectorIndex:
 
         `where` is a checked filter on the user's metadata (`kvstore.filters.check_where`), by its names.
         """
-        embedding: Any = np.asarray([vector], dtype=np.float32)
         scoped: Any = {"namespace": namespace}
         if where:
             scoped = {"$and": [scoped, renamed(where, user_field)]}
+        return self._query(self.shard_of(namespace), vector, n, scoped)
+
+    def nearest(self, namespace: str, vector: Sequence[float] | Vectors, n: int) -> list[IndexEntry]:
+        """The `n` vectors nearest to `vector` in the namespace's shard, of any namespace, unfiltered."""
+        return self._query(self.shard_of(namespace), vector, n, None)
+
+    def share(self, namespace: str, vectors: int) -> float:
+        """What share of its shard's vectors a namespace of about `vectors` vectors holds (0 to 1).
+
+        The shard's count is read at most once every `SHARE_CHECK_S` per process.
+        """
+        shard = self.shard_of(namespace)
+        now = time.monotonic()
+        seen = self._counts.get(shard)
+        if seen is None or now - seen[0] > SHARE_CHECK_S:
+            seen = (now, self._call(shard, lambda c: c.count()))
+            self._counts[shard] = seen
+        return min(1.0, vectors / seen[1]) if seen[1] else 0.0
+
+    def _query(self, shard: int, vector: Sequence[float] | Vectors, n: int, where: Any) -> list[IndexEntry]:
+        embedding: Any = np.asarray([vector], dtype=np.float32)
 
         def run(c: Collection) -> Any:
-            return c.query(
-                query_embeddings=embedding, n_results=n, where=scoped, include=["metadatas", "distances"]
-            )
+            include: Any = ["metadatas", "distances"]
+            return c.query(query_embeddings=embedding, n_results=n, where=where, include=include)
 
-        answer = self._call(self.shard_of(namespace), run)
+        answer = self._call(shard, run)
         metadatas, distances = answer["metadatas"][0], answer["distances"][0]
         return [_entry(meta, distance) for meta, distance in zip(metadatas, distances, strict=True)]
 

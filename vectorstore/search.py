@@ -13,10 +13,10 @@ from kvstore import MemoryStore, Record, Scalar, check_namespace
 from kvstore.filters import check_where, matches
 from vectorstore.embedder import Embedder
 from vectorstore.errors import EmbeddingUnavailable, IndexUnavailable, InvalidQuery
-from vectorstore.index import IndexEntry, VectorIndex
+from vectorstore.index import IndexEntry, VectorIndex, Vectors
 from vectorstore.observer import NO_OBSERVER, Observer
 
-__all__ = ["MAX_K", "Hit", "search"]
+__all__ = ["DOMINANT_SHARE", "MAX_K", "MAX_NEAREST", "Hit", "search"]
 
 MAX_K = 1000
 #: The first pause between two tries of a search step; it doubles, within the retry budget.
@@ -65,22 +65,84 @@ def search(
     `min_score` drops hits less similar than it. An embedding or Chroma failure worth retrying is
     tried again, with doubling pauses (or the server's Retry-After), until `retry_budget_ms` has
     passed; then it is raised.
+
+    Chroma's filtered query costs time in proportion to the vectors the filter keeps in the shard
+    (BENCHMARKS.md: 289 ms for a namespace of 100,000 that fills its shard, 10 ms with no filter),
+    so a namespace that holds most of its shard is searched with no filter sent to Chroma: the
+    nearest vectors of the shard, filtered in the Redis join (`_nearest_then_filter`), asking
+    for more once by the share that passed, and Chroma's filter only when too few would.
     """
     ns = check_namespace(namespace)
     _check_query(query, k, min_score)
-    checked = check_where(where)
-    retry = _Retrying(retry_budget_ms)
-    vector = retry(lambda: embedder.embed([query])[0])
-    wanted = k + 10
+    plan = _Plan(ns, k, check_where(where), min_score, store, index, _Retrying(retry_budget_ms))
+    vector = plan.retry(lambda: embedder.embed([query])[0])
+    hits = None
+    if index.share(ns, store.count_keys(ns)) >= DOMINANT_SHARE:
+        hits = _nearest_then_filter(plan, vector)
+    if hits is None:
+        hits = _filtered_by_chroma(plan, vector)
+    if plan.stale:
+        observer.stale_hits_dropped(plan.stale)
+    return hits
+
+
+#: A namespace with at least this share of its shard's vectors is searched without Chroma's filter.
+DOMINANT_SHARE = 0.5
+#: The most vectors a search without Chroma's filter asks for before it lets Chroma filter instead.
+MAX_NEAREST = 1000
+
+
+@dataclass
+class _Plan:
+    """One search's question and what it found so far."""
+
+    namespace: str
+    k: int
+    where: Mapping[str, Any] | None
+    min_score: float | None
+    store: MemoryStore
+    index: VectorIndex
+    retry: _Retrying
+    stale: int = 0
+
+    def hits(self, entries: list[IndexEntry], asked: int) -> tuple[list[Hit], bool]:
+        """The current hits among `entries` (of this namespace), and whether they answer the search."""
+        mine = [entry for entry in entries if entry.namespace == self.namespace]
+        records = self.store.records(_keys(mine), namespace=self.namespace)
+        hits, self.stale = _current(mine, records, self.namespace, self.where)
+        weak = self.min_score is not None and bool(entries) and 1.0 - entries[-1].distance < self.min_score
+        return hits, len(hits) >= self.k or len(entries) < asked or weak
+
+    def answer(self, hits: list[Hit]) -> list[Hit]:
+        return [hit for hit in hits if self.min_score is None or hit.score >= self.min_score][: self.k]
+
+
+def _filtered_by_chroma(plan: _Plan, vector: Vectors) -> list[Hit]:
+    """Ask Chroma for the namespace's nearest vectors that match the filter, more until `k` hits."""
+    wanted = plan.k + 10
     while True:
-        entries = retry(functools.partial(index.query, ns, vector, wanted, checked))
-        hits, stale = _current(entries, store.records(_keys(entries), namespace=ns), ns, checked)
-        weak = min_score is not None and bool(entries) and 1.0 - entries[-1].distance < min_score
-        if len(hits) >= k or len(entries) < wanted or weak:
-            if stale:  # the last round read every entry the earlier ones did
-                observer.stale_hits_dropped(stale)
-            return [hit for hit in hits if min_score is None or hit.score >= min_score][:k]
+        query = functools.partial(plan.index.query, plan.namespace, vector, wanted, plan.where)
+        hits, done = plan.hits(plan.retry(query), wanted)
+        if done:
+            return plan.answer(hits)
         wanted *= 2
+
+
+def _nearest_then_filter(plan: _Plan, vector: Vectors) -> list[Hit] | None:
+    """The shard's nearest vectors, filtered here; None when too few pass (Chroma's filter then)."""
+    wanted = plan.k + 10 if plan.where is None else max(100, 2 * plan.k)
+    for _ in range(2):
+        query = functools.partial(plan.index.nearest, plan.namespace, vector, wanted)
+        entries = plan.retry(query)
+        hits, done = plan.hits(entries, wanted)
+        if done:
+            return plan.answer(hits)
+        if not hits:
+            return None
+        wanted = math.ceil(plan.k * len(entries) / len(hits) * 1.5)  # by the share that passed
+        if wanted > MAX_NEAREST:
+            return None
+    return None
 
 
 class _Retrying:

