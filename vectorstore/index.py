@@ -62,6 +62,8 @@ Vectors = npt.NDArray[np.float32]
 DEFAULT_SHARDS = 16
 _SAFE_NAMESPACE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PAGE = 1000
+#: The most floats one upsert request carries: `chroma run` answered 413 to 5,000 vectors of 1,536.
+MAX_FLOATS_PER_REQUEST = 2_000_000
 #: How long a shard's vector count (`VectorIndex.share`) is taken as still true.
 SHARE_CHECK_S = 10.0
 #: What a user's metadata field is called in Chroma: beside memsync's own fields, never among them.
@@ -253,15 +255,15 @@ class VectorIndex:
         last = {entry.id: i for i, entry in enumerate(entries)}  # one id once: the last wins
         for shard, positions in self._positions_by_shard([e.ref for e in entries]).items():
             kept = [i for i in positions if last[entries[i].id] == i]
-            for part in self._requests(kept):
+            for part in self._requests(kept, MAX_FLOATS_PER_REQUEST // max(1, rows.shape[1])):
                 ids = [entries[i].id for i in part]
                 metadatas: list[Any] = [_metadata(entries[i]) for i in part]
                 batch: Any = rows[part]
                 self._call(shard, functools.partial(_upsert, ids=ids, embeddings=batch, metadatas=metadatas))
 
-    def _requests(self, positions: list[int]) -> list[list[int]]:
-        """Positions in groups that one Chroma request takes (its `max_batch_size`)."""
-        size = self._max_batch()
+    def _requests(self, positions: list[int], most: int | None = None) -> list[list[int]]:
+        """Positions in groups that one Chroma request takes (its `max_batch_size`, and at most `most`)."""
+        size = max(1, min(self._max_batch(), most or self._max_batch()))
         return [positions[start : start + size] for start in range(0, len(positions), size)]
 
     def _max_batch(self) -> int:
