@@ -78,10 +78,11 @@ def reconcile(memories: Memories, namespaces: list[str] | None = None, *, repair
 def _repair(memories: Memories, drift: Drift) -> None:
     """Re-index missing and stale keys and drop orphans, in batches of `REPAIR_BATCH` keys.
 
-    A broken key's vectors are all dropped first, so that it is embedded whole again.
+    Every vector of an orphan or broken key is dropped first (by key, whatever its chunk count), so
+    that a broken key is embedded whole again.
     """
-    memories.index.delete([KeyRef(drift.namespace, key) for key in drift.broken])
-    refs = [KeyRef(drift.namespace, key) for key in [*drift.missing, *drift.stale, *drift.orphan]]
+    memories.index.delete([KeyRef(drift.namespace, key) for key in [*drift.broken, *drift.orphan]])
+    refs = [KeyRef(drift.namespace, key) for key in [*drift.missing, *drift.stale]]
     for start in range(0, len(refs), REPAIR_BATCH):
         memories.refresh(refs[start : start + REPAIR_BATCH])
 

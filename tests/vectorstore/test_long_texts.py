@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -174,3 +175,18 @@ def test_reconcile_relabels_a_later_chunk_left_at_an_older_version(memories: Mem
 
     assert find_drift(memories, NS).counts() == {"missing": 0, "stale": 0, "orphan": 0}
     assert {(e.version, e.metadata.get("kind")) for e in vectors_of(memories, "soup")} == {(2, "recipe")}
+
+
+def test_the_chunks_of_an_expired_long_text_are_never_hits_and_reconcile_removes_them_all(
+    memories: Memories,
+) -> None:
+    memories.sync("soup", long_text(30_000, SECRET), embed=True, ttl_ms=300)
+    chunks = vectors_of(memories, "soup")
+    assert len(chunks) >= 4
+    memories.index.delete_ids({KeyRef(NS, "soup"): [chunks[0].id]})  # even without its first chunk
+    time.sleep(0.4)
+
+    assert memories.search(QUERY, k=3) == []
+    assert find_drift(memories, NS).orphan == ["soup"]
+    reconcile(memories, [NS])
+    assert vectors_of(memories, "soup") == []
