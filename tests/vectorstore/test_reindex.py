@@ -356,3 +356,25 @@ def test_a_run_whose_migration_was_aborted_meanwhile_stops_without_switching(ind
     with pytest.raises(ReindexError, match="given up meanwhile"):
         reindex(indexes, NEW, batch_size=5, progress=aborted_by_another)
     assert indexes.state(fresh=True) == IndexState(OLD, None)
+
+
+def test_a_reindex_carries_a_long_text_as_every_one_of_its_chunks_with_its_metadata(
+    indexes: ActiveIndexes,
+) -> None:
+    text = "The committee met again on a grey morning. " * 2_500 + "The soup wanted smoked paprika."
+    memories = indexes.memories()
+    memories.sync("minutes", text, embed=True, namespace="ns-a", metadata={"kind": "minutes"})
+    chunks = len(memories.embedder.chunker.split(text))
+    assert chunks >= 3
+
+    reindex(indexes, NEW, batch_size=10)
+
+    entries = sorted(
+        (e for e in indexes.index_for(NEW).entries("ns-a") if e.key == "minutes"), key=lambda e: e.chunk
+    )
+    assert [(e.chunk, e.chunks, dict(e.metadata)) for e in entries] == [
+        (n, chunks, {"kind": "minutes"}) for n in range(chunks)
+    ]
+    _in_step(indexes, NEW, ["ns-a"])
+    [hit] = indexes.memories().search("smoked paprika soup", k=1, namespace="ns-a")
+    assert (hit.key, hit.chunk) == ("minutes", chunks - 1)
