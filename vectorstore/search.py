@@ -106,8 +106,12 @@ class _Plan:
     stale: int = 0
 
     def hits(self, entries: list[IndexEntry], asked: int) -> tuple[list[Hit], bool]:
-        """The current hits among `entries` (of this namespace), and whether they answer the search."""
-        mine = [entry for entry in entries if entry.namespace == self.namespace]
+        """The current hits among `entries`, and whether they answer the search.
+
+        Entries of other namespaces, and those whose labels fail the filter, are left out before the
+        Redis join (a current vector carries its version's metadata); the join checks the rest.
+        """
+        mine = [e for e in entries if e.namespace == self.namespace and matches(self.where, e.metadata)]
         records = self.store.records(_keys(mine), namespace=self.namespace)
         hits, self.stale = _current(mine, records, self.namespace, self.where)
         weak = self.min_score is not None and bool(entries) and 1.0 - entries[-1].distance < self.min_score
