@@ -196,7 +196,8 @@ class Memories:
     def _embed_target(self, item: _Pending, version: int | None) -> None:
         """Embed the text a rollback will restore before its write, so that no lock waits for it.
 
-        Best effort: the index step uses these vectors only if the restored record has this text.
+        A failure to embed it fails the rollback before anything is written. The index step uses
+        these vectors only if the record it restores has this text (the history may change meanwhile).
         """
         target = _restored(self.store.history(item.ref.key, namespace=item.ref.namespace), version)
         if target is None or not target.embed or target.deleted:
@@ -205,8 +206,9 @@ class Memories:
         if stored is not None and stored.content_hash == target.content_hash:
             return  # a relabel will do
         [vectors] = embed_texts(self.embedder, [_text_of(target)])
-        if isinstance(vectors, KeyVectors):
-            item.vectors, item.digest = vectors, target.content_hash
+        if isinstance(vectors, Exception):
+            raise vectors
+        item.vectors, item.digest = vectors, target.content_hash
 
     def undo(self, key: str, msg_id: str, *, namespace: str | None = None) -> bool:
         """Take back the version `msg_id` wrote, when it is still current (a sync that failed for good)."""

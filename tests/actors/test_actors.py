@@ -99,7 +99,7 @@ def test_a_sync_that_runs_out_of_retries_leaves_nothing_half_applied(
     result_of(memory_sync.send(key="k", value="a cat", embed=True, namespace=namespace))
     result_of(memory_sync.send(key="k", value="a dog", embed=True, namespace=namespace))
     embedding_service.clear_log()
-    embedding_service.fail_next(500, count=10)  # the rollback writes Redis, then cannot embed "a cat"
+    embedding_service.fail_next(500, count=10)  # the rollback cannot embed "a cat", before or after writing
     message = memory_rollback.send(key="k", namespace=namespace)
     failure_of(message)
     record = store.record("k", namespace=namespace)

@@ -101,15 +101,15 @@ def test_a_one_off_run_that_runs_out_of_retries_leaves_nothing_half_applied(
 
     store.set("k", "a cat", namespace=namespace, embed=True, content_hash="h1")
     store.set("k", "a dog", namespace=namespace, embed=True, content_hash="h2")
-    embedding_service.fail_next(500, count=10)  # the rollback writes Redis, then cannot embed "a cat"
+    embedding_service.fail_next(500, count=10)  # the rollback cannot embed "a cat" it would restore
     err = io.StringIO()
     payload = json.dumps({"key": "k", "namespace": namespace})
     assert main({"WORKER_JOB": "MEMORY_ROLLBACK", "WORKER_PAYLOAD": payload}, io.StringIO(), err) == 1
     assert "answered 500" in err.getvalue()
     record = store.record("k", namespace=namespace)
     assert record is not None and (record.value, record.version) == ("a dog", 2)
-    # the first attempt, 3 retries, and the undo bringing the index back to "a dog" (refused too)
-    assert len(embedding_service.embedding_requests) == 5
+    # the first attempt and 3 retries, each refused before its write: nothing to undo
+    assert len(embedding_service.embedding_requests) == 4
 
 
 @pytest.mark.timeout(60)
