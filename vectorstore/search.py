@@ -77,7 +77,8 @@ def search(
     plan = _Plan(ns, k, check_where(where), min_score, store, index, _Retrying(retry_budget_ms))
     vector = plan.retry(lambda: embedder.embed([query])[0])
     hits = None
-    if index.share(ns, store.count_keys(ns)) >= DOMINANT_SHARE:
+    keys = store.count_keys(ns)
+    if plan.retry(lambda: index.share(ns, keys)) >= DOMINANT_SHARE:
         hits = _nearest_then_filter(plan, vector)
     if hits is None:
         hits = _filtered_by_chroma(plan, vector)
