@@ -29,7 +29,7 @@ class KVStoreError(MemsyncError):
 
 
 class InvalidFilter(KVStoreError):
-    """Raised when a metadata filter is malformed."""
+    """Raised when a metadata filter, or a listing's limit or cursor, is malformed."""
 
 
 class InvalidKey(KVStoreError):
